@@ -1,0 +1,26 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+# torch==2.13.0 is the CPU build this project's machines carry on disk; plain `torch`
+# would pull a multi-GB CUDA build. An already installed torch (any build) is kept.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install install-test demo test bench
+
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e .
+
+install-test:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[test]"
+
+demo: install
+	$(PYTHON) -m vqfast demo
+
+test: install-test
+	$(PYTHON) -m pytest tests
+
+bench: install-test
+	$(PYTHON) -m pytest bench --benchmark-only

@@ -1,0 +1,77 @@
+"""Shared fixtures: scaled-down versions of the real checkpoints' configs and paired models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Scaled-down configs covering the real checkpoints (the full ones live in bench/configs).
+CONFIGS = {
+    # Kandinsky 2.2 MoVQ: SpatialNorm decoder, attention blocks, K=16384, D=4, f8.
+    "movq": dict(
+        block_out_channels=(32, 64, 64, 96),
+        down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
+        up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
+        in_channels=3, out_channels=3, latent_channels=4, vq_embed_dim=4, layers_per_block=2,
+        norm_num_groups=32, norm_type="spatial", num_vq_embeddings=16384, sample_size=32,
+    ),
+    # aMUSEd VQ-GAN: token-id decode, no mid-block attention, K=8192, D=64, f16.
+    "amused": dict(
+        block_out_channels=(32, 32, 64, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 5,
+        up_block_types=("UpDecoderBlock2D",) * 5,
+        latent_channels=64, layers_per_block=1, norm_num_groups=8, num_vq_embeddings=8192,
+        lookup_from_codebook=True, mid_block_add_attention=False, force_upcast=True,
+    ),
+    # CompVis LDM VQ-f4: K=8192, D=3, f4, quantizes on every decode.
+    "ldm_f4": dict(
+        block_out_channels=(32, 48, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=3, layers_per_block=2, norm_num_groups=16, num_vq_embeddings=8192, sample_size=256,
+    ),
+    "default": dict(),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter a non-trivial value (norm affines away from 1/0, a spread-out codebook
+    like a trained one), so that parity tests exercise every weight."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embedding" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / max(1, p[0].numel()) ** 0.5))
+    return model
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def config_name(request):
+    return request.param
+
+
+def make_pair(name: str, seed: int = 0):
+    """(diffusers model, vqfast model) with identical weights, both in eval mode."""
+    import diffusers
+
+    import vqfast
+
+    theirs = randomize(diffusers.VQModel(**CONFIGS[name]), seed).eval()
+    ours = vqfast.VQModel(**CONFIGS[name])
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours.eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the parity metric of the issue tracker."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def images(batch: int, size: int = 32, seed: int = 1, channels: int = 3) -> torch.Tensor:
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))

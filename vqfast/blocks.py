@@ -1,0 +1,177 @@
+"""Encoder and decoder: the down/up blocks, the mid block, and the two towers.
+
+Module and attribute names follow diffusers (``down_blocks.0.resnets.1.conv2``, ...), so a
+diffusers state dict loads without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import Attention, Downsample2D, ResnetBlock2D, SpatialNorm, Upsample2D, norm_act
+
+DOWN_BLOCK_TYPES = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
+UP_BLOCK_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
+EPS = 1e-6
+
+
+class _Block(nn.Module):
+    """Resnets (each optionally followed by attention), then an optional resampler.
+
+    One class serves all four diffusers block types; the resampler sits in ``downsamplers`` or
+    ``upsamplers`` as diffusers names it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        groups: int,
+        act_fn: str,
+        attention: bool,
+        zq_channels: int | None,
+        resample: str | None,
+    ):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, EPS, act_fn, zq_channels)
+            for i in range(num_layers)
+        )
+        if attention:
+            attn_groups = None if zq_channels is not None else groups
+            self.attentions = nn.ModuleList(
+                Attention(out_channels, EPS, attn_groups, zq_channels) for _ in range(num_layers)
+            )
+        else:
+            self.attentions = None
+        if resample == "down":
+            self.downsamplers = nn.ModuleList([Downsample2D(out_channels)])
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList([Upsample2D(out_channels)])
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, zq)
+            if self.attentions is not None:
+                x = self.attentions[i](x, zq)
+        for sampler in getattr(self, "downsamplers", None) or getattr(self, "upsamplers", None) or ():
+            x = sampler(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """resnet, then (attention, resnet): diffusers' UNetMidBlock2D with one layer."""
+
+    def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool, zq_channels: int | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(channels, channels, groups, EPS, act_fn, zq_channels) for _ in range(2)
+        )
+        attn_groups = None if zq_channels is not None else groups
+        # diffusers keeps a None placeholder when attention is off; it has no parameters either way.
+        self.attentions = nn.ModuleList(
+            [Attention(channels, EPS, attn_groups, zq_channels) if add_attention else None]
+        )
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.resnets[0](x, zq)
+        if self.attentions[0] is not None:
+            x = self.attentions[0](x, zq)
+        return self.resnets[1](x, zq)
+
+
+def _check_types(kind: str, given, allowed: tuple[str, ...]) -> None:
+    for t in given:
+        if t not in allowed:
+            raise ValueError(f"{kind} contains {t!r}; allowed block types are {list(allowed)}")
+
+
+class Encoder(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        down_block_types,
+        block_out_channels,
+        layers_per_block: int,
+        norm_num_groups: int,
+        act_fn: str,
+        mid_block_add_attention: bool,
+    ):
+        super().__init__()
+        _check_types("down_block_types", down_block_types, DOWN_BLOCK_TYPES)
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, stride=1, padding=1)
+        self.down_blocks = nn.ModuleList()
+        prev = block_out_channels[0]
+        for i, block_type in enumerate(down_block_types):
+            out = block_out_channels[i]
+            last = i == len(block_out_channels) - 1
+            self.down_blocks.append(
+                _Block(prev, out, layers_per_block, norm_num_groups, act_fn,
+                       attention=block_type == "AttnDownEncoderBlock2D", zq_channels=None,
+                       resample=None if last else "down")
+            )
+            prev = out
+        top = block_out_channels[-1]
+        self.mid_block = MidBlock(top, norm_num_groups, act_fn, mid_block_add_attention, None)
+        self.conv_norm_out = nn.GroupNorm(num_channels=top, num_groups=norm_num_groups, eps=EPS)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(top, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        x = norm_act(self.conv_norm_out, x, None, self.conv_act)
+        return self.conv_out(x)
+
+
+class Decoder(nn.Module):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        up_block_types,
+        block_out_channels,
+        layers_per_block: int,
+        norm_num_groups: int,
+        act_fn: str,
+        norm_type: str,
+        mid_block_add_attention: bool,
+    ):
+        super().__init__()
+        _check_types("up_block_types", up_block_types, UP_BLOCK_TYPES)
+        # diffusers sizes the SpatialNorm convolutions by the decoder's input channels.
+        zq_channels = in_channels if norm_type == "spatial" else None
+        top = block_out_channels[-1]
+        self.conv_in = nn.Conv2d(in_channels, top, kernel_size=3, stride=1, padding=1)
+        self.mid_block = MidBlock(top, norm_num_groups, act_fn, mid_block_add_attention, zq_channels)
+        self.up_blocks = nn.ModuleList()
+        reversed_channels = list(reversed(block_out_channels))
+        prev = reversed_channels[0]
+        for i, block_type in enumerate(up_block_types):
+            out = reversed_channels[i]
+            last = i == len(block_out_channels) - 1
+            self.up_blocks.append(
+                _Block(prev, out, layers_per_block + 1, norm_num_groups, act_fn,
+                       attention=block_type == "AttnUpDecoderBlock2D", zq_channels=zq_channels,
+                       resample=None if last else "up")
+            )
+            prev = out
+        if zq_channels is not None:
+            self.conv_norm_out = SpatialNorm(block_out_channels[0], zq_channels)
+        else:
+            self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=EPS)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.conv_in(x)
+        x = self.mid_block(x, zq)
+        for block in self.up_blocks:
+            x = block(x, zq)
+        x = norm_act(self.conv_norm_out, x, zq, self.conv_act)
+        return self.conv_out(x)

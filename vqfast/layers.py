@@ -1,0 +1,159 @@
+"""The building blocks of the VQ-VAE, with diffusers' attribute names so state dicts match.
+
+Every normalisation goes through ``vqfast.functional`` (GroupNorm fused with the SiLU that
+follows it, SpatialNorm with its 1x1 convolutions at the latent resolution), so faster kernels
+slot in there without touching the module tree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as vf
+
+ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def get_activation(act_fn: str) -> nn.Module:
+    if act_fn.lower() not in ACTIVATIONS:
+        raise ValueError(f"act_fn must be one of {sorted(ACTIVATIONS)}, got {act_fn!r}")
+    return ACTIVATIONS[act_fn.lower()]()
+
+
+def _fused_name(act: nn.Module | None) -> str | None:
+    """The functional ops' name for ``act`` when they can fuse it, else None."""
+    return "silu" if isinstance(act, nn.SiLU) else None
+
+
+class SpatialNorm(nn.Module):
+    """GroupNorm(f) scaled and shifted by 1x1 convolutions of the quantized latents zq.
+
+    diffusers upsamples zq to f's size and then runs both convolutions at full resolution. A 1x1
+    convolution commutes with nearest upsampling, so we run them at zq's resolution (up to
+    (H/h)(W/w) times less work) and let the functional op broadcast the result.
+    Always 32 groups, as in diffusers.
+    """
+
+    def __init__(self, f_channels: int, zq_channels: int):
+        super().__init__()
+        self.norm_layer = nn.GroupNorm(num_channels=f_channels, num_groups=32, eps=1e-6, affine=True)
+        self.conv_y = nn.Conv2d(zq_channels, f_channels, kernel_size=1, stride=1, padding=0)
+        self.conv_b = nn.Conv2d(zq_channels, f_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, f: torch.Tensor, zq: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        n = self.norm_layer
+        return vf.spatial_norm(
+            f, self.conv_y(zq), self.conv_b(zq), n.num_groups, n.weight, n.bias, n.eps, activation
+        )
+
+
+def norm_act(norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, act: nn.Module | None) -> torch.Tensor:
+    """``act(norm(x))`` for a GroupNorm or a SpatialNorm, fusing the activation when it is SiLU."""
+    fused = _fused_name(act)
+    if isinstance(norm, SpatialNorm):
+        y = norm(x, zq, activation=fused)
+    else:
+        y = vf.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=fused)
+    return y if act is None or fused else act(y)
+
+
+class ResnetBlock2D(nn.Module):
+    """norm1 -> act -> conv1 -> norm2 -> act -> dropout -> conv2, plus the (1x1) shortcut.
+
+    ``spatial=True`` gives diffusers' ResnetBlockCondNorm2D (SpatialNorm conditioned on zq).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        groups: int,
+        eps: float,
+        act_fn: str,
+        zq_channels: int | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if zq_channels is not None:
+            self.norm1 = SpatialNorm(in_channels, zq_channels)
+        else:
+            self.norm1 = nn.GroupNorm(num_groups=groups, num_channels=in_channels, eps=eps, affine=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if zq_channels is not None:
+            self.norm2 = SpatialNorm(out_channels, zq_channels)
+        else:
+            self.norm2 = nn.GroupNorm(num_groups=groups, num_channels=out_channels, eps=eps, affine=True)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.nonlinearity = get_activation(act_fn)
+        self.conv_shortcut = None
+        if in_channels != out_channels:
+            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        h = norm_act(self.norm1, x, zq, self.nonlinearity)
+        h = self.conv1(h)
+        h = norm_act(self.norm2, h, zq, self.nonlinearity)
+        h = self.conv2(self.dropout(h))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection.
+
+    The deprecated-attention-block layout of diffusers: ``group_norm`` (or ``spatial_norm`` in a
+    SpatialNorm decoder), ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``.
+    """
+
+    def __init__(self, channels: int, eps: float, norm_num_groups: int | None, zq_channels: int | None):
+        super().__init__()
+        self.heads = 1
+        self.group_norm = None
+        if norm_num_groups is not None:
+            self.group_norm = nn.GroupNorm(num_channels=channels, num_groups=norm_num_groups, eps=eps, affine=True)
+        self.spatial_norm = SpatialNorm(channels, zq_channels) if zq_channels is not None else None
+        self.to_q = nn.Linear(channels, channels, bias=True)
+        self.to_k = nn.Linear(channels, channels, bias=True)
+        self.to_v = nn.Linear(channels, channels, bias=True)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels, bias=True), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+        residual = x
+        if self.spatial_norm is not None:
+            x = self.spatial_norm(x, zq)
+        B, C, H, W = x.shape
+        h = x.reshape(B, C, H * W)
+        if self.group_norm is not None:
+            h = norm_act(self.group_norm, h, None, None)
+        h = h.transpose(1, 2)
+        # (B, 1, HW, C) views laid out as diffusers lays them: SDPA's CPU kernel rounds by layout.
+        q, k, v = (proj(h).view(B, -1, 1, C).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        h = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        h = self.to_out[1](self.to_out[0](h.transpose(1, 2).reshape(B, -1, C)))
+        return h.transpose(1, 2).reshape(B, C, H, W) + residual
+
+
+class Downsample2D(nn.Module):
+    """Pad right and bottom by one, then a stride-2 3x3 convolution (diffusers with padding=0)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
+
+
+class Upsample2D(nn.Module):
+    """Nearest 2x upsampling, then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
