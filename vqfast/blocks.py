@@ -35,10 +35,7 @@ class _Block(nn.Module):
         resample: str | None,
     ):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, EPS, act_fn, zq_channels)
-            for i in range(num_layers)
-        )
+        # attentions before resnets: diffusers' registration (and state-dict) order
         if attention:
             attn_groups = None if zq_channels is not None else groups
             self.attentions = nn.ModuleList(
@@ -46,6 +43,10 @@ class _Block(nn.Module):
             )
         else:
             self.attentions = None
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, EPS, act_fn, zq_channels)
+            for i in range(num_layers)
+        )
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample2D(out_channels)])
         elif resample == "up":
@@ -66,13 +67,13 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool, zq_channels: int | None):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(channels, channels, groups, EPS, act_fn, zq_channels) for _ in range(2)
-        )
         attn_groups = None if zq_channels is not None else groups
         # diffusers keeps a None placeholder when attention is off; it has no parameters either way.
         self.attentions = nn.ModuleList(
             [Attention(channels, EPS, attn_groups, zq_channels) if add_attention else None]
+        )
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(channels, channels, groups, EPS, act_fn, zq_channels) for _ in range(2)
         )
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,8 +149,8 @@ class Decoder(nn.Module):
         zq_channels = in_channels if norm_type == "spatial" else None
         top = block_out_channels[-1]
         self.conv_in = nn.Conv2d(in_channels, top, kernel_size=3, stride=1, padding=1)
+        self.up_blocks = nn.ModuleList()  # registered before mid_block: diffusers' state-dict order
         self.mid_block = MidBlock(top, norm_num_groups, act_fn, mid_block_add_attention, zq_channels)
-        self.up_blocks = nn.ModuleList()
         reversed_channels = list(reversed(block_out_channels))
         prev = reversed_channels[0]
         for i, block_type in enumerate(up_block_types):

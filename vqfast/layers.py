@@ -131,9 +131,9 @@ class Attention(nn.Module):
             h = norm_act(self.group_norm, h, None, None)
         h = h.transpose(1, 2)
         # (B, 1, HW, C) views laid out as diffusers lays them: SDPA's CPU kernel rounds by layout.
-        q, k, v = (proj(h).view(B, -1, 1, C).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (proj(h).view(B, H * W, 1, C).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
         h = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-        h = self.to_out[1](self.to_out[0](h.transpose(1, 2).reshape(B, -1, C)))
+        h = self.to_out[1](self.to_out[0](h.transpose(1, 2).reshape(B, H * W, C)))
         return h.transpose(1, 2).reshape(B, C, H, W) + residual
 
 
