@@ -129,7 +129,7 @@ def test_full_size_search_never_holds_the_distance_matrix():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     grown, n = map(int, out.stdout.split())
     assert n == 65536
-    assert grown < 4 * vf.SCRATCH_BYTES, f"peak memory grew by {grown / 2**20:.0f} MiB"
+    assert grown < 64 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB (the matrix is 4096 MiB)"
 
 
 def test_quantize_gathers_exactly_and_keeps_layout():

@@ -30,8 +30,8 @@ def amused():
 def test_encode_refuses(movq, x, error, message):
     with pytest.raises(error, match=message):
         movq.encode(x)
-    with pytest.raises(error, match=message.replace("x must", "x must")):
-        movq(x)  # forward refuses the same way (its argument is called sample, but it encodes x)
+    with pytest.raises(error, match=message.replace("x must", "sample must")):
+        movq(x)  # forward names its own argument
 
 
 @pytest.mark.parametrize("force", [False, True])

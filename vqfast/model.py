@@ -121,6 +121,7 @@ class VQModel(nn.Module):
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
         """encode then decode (quantizing): sample (B, in_channels, H, W) -> DecoderOutput."""
+        _check_images("sample", sample, self.config.in_channels)
         dec = self.decode(self.encode(sample).latents)
         return dec if return_dict else (dec.sample, dec.commit_loss)
 
