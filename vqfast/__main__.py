@@ -9,7 +9,7 @@ from importlib import resources
 
 import torch
 
-from . import VQModel, functional
+from . import VQModel, reference
 
 
 def _config(name: str) -> dict:
@@ -42,7 +42,7 @@ def demo(size: int, seed: int) -> None:
           f"({tokens.unique().numel()} distinct codes) -> image {tuple(sample.shape)}")
     print(f"encode {t1 - t0:.2f} s, codebook search {1e3 * (t2 - t1):.1f} ms, decode {t3 - t2:.2f} s")
     full = n * k * 4
-    print(f"codebook search scratch: at most {min(full, functional.SCRATCH_BYTES) / 2**20:.1f} MiB "
+    print(f"codebook search scratch: at most {min(full, reference.SCRATCH_BYTES) / 2**20:.1f} MiB "
           f"(the full {n} x {k} distance matrix would be {full / 2**20:.1f} MiB)")
 
 

@@ -1,8 +1,5 @@
-"""The ops the model calls, in eager PyTorch.
-
-Each op here is also the reference its future Triton kernel is tested against, so it favours
-exactness: the codebook search ranks on codebook-centred vectors and never holds more than a
-fixed scratch budget of distances at once.
+"""The ops the model calls. Each checks its arguments, asks the dispatcher for the path, and
+runs it: a Triton kernel (vqfast.kernels) or the eager reference (vqfast.reference).
 """
 
 from __future__ import annotations
@@ -10,11 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: Bytes of distances the eager codebook search holds at once. Small on purpose: a tile that
-#: stays in cache between the matmul that writes it and the argmin that reads it measured 3x
-#: faster on CPU than 64 MiB tiles (0.76 s vs 2.6 s at K=16384, D=4, N=65536 on 2 cores),
-#: and memory stays O(N).
-SCRATCH_BYTES = 2**20
+from . import ops
+from .dispatch import use_triton
 
 _ACTIVATIONS = (None, "silu")
 
@@ -24,8 +18,8 @@ def _check_activation(activation: str | None) -> None:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
 
 
-def _rows_last(z: torch.Tensor, dim: int, codebook: torch.Tensor) -> torch.Tensor:
-    """z as (N, D) rows, with the code dimension last (a copy only when z's layout needs one)."""
+def _check_codes(z: torch.Tensor, codebook: torch.Tensor, dim: int) -> int:
+    """Validate the codebook-search arguments; return dim as a non-negative index."""
     if codebook.ndim != 2:
         raise ValueError(f"codebook must be 2-D (K, D), got shape {tuple(codebook.shape)}")
     if not (z.is_floating_point() and codebook.is_floating_point()):
@@ -33,48 +27,29 @@ def _rows_last(z: torch.Tensor, dim: int, codebook: torch.Tensor) -> torch.Tenso
     if z.ndim == 0 or not -z.ndim <= dim < z.ndim:
         raise ValueError(f"dim={dim} is out of range for z of shape {tuple(z.shape)}")
     if z.shape[dim] != codebook.shape[1]:
-        raise ValueError(
-            f"z.shape[{dim}] must equal the codebook's D={codebook.shape[1]}, got {z.shape[dim]}"
-        )
+        raise ValueError(f"z.shape[{dim}] must equal the codebook's D={codebook.shape[1]}, got {z.shape[dim]}")
     if codebook.shape[0] == 0:
         raise ValueError("codebook must hold at least one code (K >= 1)")
-    return z.movedim(dim, -1).reshape(-1, codebook.shape[1])
+    if z.device != codebook.device:
+        raise ValueError(f"z and codebook must be on one device, got {z.device} and {codebook.device}")
+    return dim % z.ndim
 
 
-@torch.no_grad()
-def nearest_code(
-    z: torch.Tensor, codebook: torch.Tensor, *, dim: int = 1, scratch_bytes: int = SCRATCH_BYTES
-) -> torch.Tensor:
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, dim: int = 1) -> torch.Tensor:
     """Index of the nearest codebook row (squared L2) for every vector of z along ``dim``.
 
-    z: floating, any shape, D = z.shape[dim]. codebook: (K, D) floating.
+    z: floating, any shape and layout (NCHW, channels_last, a sliced view, (N, D)), D =
+    z.shape[dim]; read through its strides. codebook: (K, D) floating.
     Returns int64 indices shaped like z without ``dim``.
 
     Ranks by ||e - mu||^2 - 2 (z - mu).(e - mu), mu the codebook mean: the same order as
     ||z - e||^2 in exact arithmetic, without the ||z||^2 term whose size swamps the differences
     in fp32. Accumulates in fp32 (fp64 for fp64 inputs). Ties go to the lowest index
     (torch.argmin's rule); a row containing NaN gets index 0, as torch.argmin gives on its
-    all-NaN distances. Works through z in row chunks so that at most ``scratch_bytes`` of
-    distances exist at once.
+    all-NaN distances. No N x K distance matrix is ever held: extra memory is O(N).
     """
-    rows = _rows_last(z, dim, codebook)
-    out_shape = z.movedim(dim, -1).shape[:-1]
-    acc = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
-    book = codebook.to(acc)
-    mu = book.mean(dim=0)
-    centred = book - mu
-    norms = (centred * centred).sum(dim=1)
-    k = codebook.shape[0]
-    n = rows.shape[0]
-    chunk = max(1, min(n, scratch_bytes // (k * norms.element_size())))
-    scores = torch.empty(chunk, k, dtype=acc, device=z.device)
-    indices = torch.empty(n, dtype=torch.long, device=z.device)
-    for start in range(0, n, chunk):
-        zc = rows[start : start + chunk].to(acc) - mu
-        tile = scores[: zc.shape[0]]
-        torch.addmm(norms, zc, centred.t(), beta=1, alpha=-2, out=tile)
-        torch.argmin(tile, dim=1, out=indices[start : start + chunk])
-    return indices.view(out_shape)
+    dim = _check_codes(z, codebook, dim)
+    return ops.nearest_code(z.detach(), codebook.detach(), dim, use_triton(z.device))
 
 
 def quantize(
@@ -87,30 +62,15 @@ def quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest-code quantization with the straight-through estimator and the commitment loss.
 
-    Returns (z_q, indices, loss): z_q = z + (e[indices] - z).detach() in z's dtype and shape;
-    indices as from :func:`nearest_code`; loss a 0-dim tensor, diffusers' commitment loss
-    ``mean((sg[e] - z)^2) + beta * mean((e - sg[z])^2)`` (legacy=True; legacy=False swaps
-    where beta sits). Gradients reach z (straight-through plus the first term) and the codebook
-    (second term).
+    Returns (z_q, indices, loss). z_q holds exactly the chosen codes, in z's dtype, shape and
+    memory format, with the straight-through gradient of ``z + (z_q - z).detach()`` (identity
+    to z). indices as from :func:`nearest_code`. loss is diffusers' commitment loss, a 0-dim
+    tensor in z's dtype: ``mean((sg[e] - z)^2) + beta * mean((e - sg[z])^2)`` with
+    legacy=True, beta on the first term with legacy=False. Gradients reach z and the codebook.
     """
-    indices = nearest_code(z, codebook, dim=dim)
-    codes = _same_layout(F.embedding(indices, codebook).movedim(-1, dim).to(z.dtype), z)
-    commit = torch.mean((codes.detach() - z) ** 2)
-    embed = torch.mean((codes - z.detach()) ** 2)
-    loss = commit + beta * embed if legacy else beta * commit + embed
-    z_q = z + (codes - z).detach()
-    return z_q, indices, loss
-
-
-def _same_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """t laid out in memory like ref (NCHW stays NCHW, channels_last stays channels_last).
-
-    The layout is not cosmetic: convolutions pick their algorithm by it, and a decoder fed the
-    same values in another layout rounds differently.
-    """
-    if t.stride() == ref.stride():
-        return t
-    return torch.empty_like(ref, dtype=t.dtype).copy_(t)
+    dim = _check_codes(z, codebook, dim)
+    z_weight, code_weight = (1.0, float(beta)) if legacy else (float(beta), 1.0)
+    return ops.quantize(z, codebook, dim, z_weight, code_weight, use_triton(z.device))
 
 
 def group_norm(

@@ -1,0 +1,43 @@
+"""Ahead-of-time compilation for NVIDIA targets, on a machine with no GPU.
+
+The interpreter accepts programs the GPU compiler rejects and hides register spills, so every
+launch configuration is also compiled here for real targets and its resource use read back
+from the cubin with the cuobjdump that ships in the triton wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+_POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+            torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}
+
+
+def pointer(dtype: torch.dtype) -> str:
+    return _POINTER[dtype]
+
+
+def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, arch: int) -> dict[str, int]:
+    """Compile ``fn`` for sm_<arch> and return {"registers", "shared", "stack", "local"} per thread
+    (shared per block), as cuobjdump -res-usage reports them."""
+    sig = dict(signature)
+    sig.update({name: "constexpr" for name in constexprs})
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    found = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|SHARED|STACK|LOCAL):(\d+)", out)}
+    return {"registers": found["reg"], "shared": found["shared"], "stack": found["stack"], "local": found["local"]}
+

@@ -1,0 +1,187 @@
+"""Fused nearest-codebook search: indices, z_q and the squared error in one pass.
+
+One program takes BLOCK_N rows of z, walks the (centred) codebook in BLOCK_K tiles keeping a
+running (min, argmin) per row in registers, then gathers the winning codes into z_q and sums
+(code - z)^2 for the commitment loss. Nothing of size N x K is ever written.
+
+Distances are ranked as ||e - mu||^2 - 2 (z - mu).(e - mu) with mu the codebook mean: the
+same order as ||z - e||^2, without the ||z||^2 term that swamps the differences in fp32.
+Small D (MoVQ 4, LDM 3) runs on FMAs over one code dimension at a time; D >= 16 (aMUSEd 64,
+VQGAN 256) on tl.dot tiles with input_precision="ieee" (exact fp32, no tf32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: triton.jit reads TRITON_INTERPRET when a kernel is defined, so this is what our kernels are.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def nearest_code_kernel(
+    z_ptr, book_ptr, centred_ptr, norms_ptr, mu_ptr,  # inputs
+    idx_ptr, zq_ptr, sse_ptr,  # outputs: indices (N,), z_q (z's strides), squared error per program
+    N, K, R1, R2,  # rows, codes, and the sizes of row dims 1 and 2 (rows = R0 x R1 x R2)
+    sz0, sz1, sz2, szd,  # z strides: the three row dims, then the code dim
+    sq0, sq1, sq2, sqd,  # z_q strides, likewise
+    sbk, sbd,  # codebook strides
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    WRITE_ZQ: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_ok = rows < N
+    i2 = rows % R2
+    i1 = (rows // R2) % R1
+    i0 = rows // R2 // R1
+    z_row = i0 * sz0 + i1 * sz1 + i2 * sz2
+
+    best = tl.full([BLOCK_N], float("inf"), ACC)
+    best_idx = tl.zeros([BLOCK_N], tl.int32)  # K < 2^31; widened for addressing below
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        k_ok = ks < K
+        # the tile's base offset in int64 (K * D may pass 2^31), offsets inside it in int32
+        tile_ptr = centred_ptr + k0.to(tl.int64) * D
+        if USE_DOT:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                d_ok = ds < D
+                zt = tl.load(
+                    z_ptr + z_row[:, None] + ds[None, :].to(tl.int64) * szd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+                ).to(tl.float32)
+                zt = zt - tl.load(mu_ptr + ds, mask=d_ok, other=0.0)[None, :]
+                et = tl.load(tile_ptr + offs_k[:, None] * D + ds[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                acc = tl.dot(zt, tl.trans(et), acc, input_precision="ieee")
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], ACC)
+            for d in range(D):
+                zd = tl.load(z_ptr + z_row + d * szd, mask=row_ok, other=0.0).to(ACC) - tl.load(mu_ptr + d)
+                ed = tl.load(tile_ptr + offs_k * D + d, mask=k_ok, other=0.0)
+                acc += zd[:, None] * ed[None, :]
+        # codes past K score +inf (a NaN row scores NaN everywhere and never wins anyway)
+        norms = tl.load(norms_ptr + ks, mask=k_ok, other=float("inf"))
+        scores = norms[None, :] - 2.0 * acc
+        tile_best, tile_idx = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        # strict <: on a tie the earlier tile (the lower index) keeps the row; NaN rows never
+        # win a comparison and keep index 0, which is what torch.argmin gives them.
+        take = tile_best < best
+        best = tl.where(take, tile_best, best)
+        best_idx = tl.where(take, tile_idx + k0, best_idx)
+    tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
+
+    if WRITE_ZQ:
+        q_row = i0 * sq0 + i1 * sq1 + i2 * sq2
+        sse = tl.zeros([BLOCK_N], ACC)
+        for d0 in range(0, D, BLOCK_D):
+            ds = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            m = row_ok[:, None] & (ds < D)[None, :]
+            code = tl.load(book_ptr + best_idx.to(tl.int64)[:, None] * sbk + ds[None, :] * sbd, mask=m, other=0.0)
+            zt = tl.load(z_ptr + z_row[:, None] + ds[None, :] * szd, mask=m, other=0.0)
+            tl.store(zq_ptr + q_row[:, None] + ds[None, :] * sqd, code.to(zq_ptr.dtype.element_ty), mask=m)
+            diff = code.to(ACC) - zt.to(ACC)
+            sse += tl.sum(diff * diff, axis=1)
+        tl.store(sse_ptr + pid, tl.sum(sse, axis=0))
+
+
+def launch_config(D: int, K: int, acc: torch.dtype) -> dict:
+    """Tile sizes by code width and codebook size (fixed, so runs are deterministic).
+
+    D >= 16 in fp32 goes through tl.dot, whose tiles must be at least 16 wide; thin BLOCK_D
+    slices keep its operands in registers. Small D runs on FMAs over (32 rows x 64 codes)
+    tiles (32 x 32 in fp64). Both were picked as the largest tiles that compile for sm_80 and sm_90 without
+    spilling (tests/test_kernel_compile.py checks every entry).
+    """
+    use_dot = D >= 16 and acc == torch.float32
+    if use_dot:
+        return dict(BLOCK_N=32, BLOCK_K=min(64, max(16, triton.next_power_of_2(K))), BLOCK_D=16,
+                    USE_DOT=True, num_warps=4)
+    block_k = 64 if acc == torch.float32 else 32
+    return dict(BLOCK_N=32, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(K))),
+                BLOCK_D=min(16, triton.next_power_of_2(D)), USE_DOT=False, num_warps=4)
+
+
+def compile_spec(z_dtype: torch.dtype, book_dtype: torch.dtype, D: int, K: int, write_zq: bool):
+    """(signature, constexprs, num_warps) of the launch ``nearest_code`` makes for these inputs,
+    for ahead-of-time compilation (kernels/aot.py). Sizes and strides as 32-bit ints."""
+    from .aot import pointer
+
+    acc = torch.float64 if torch.float64 in (z_dtype, book_dtype) else torch.float32
+    cfg = launch_config(D, K, acc)
+    num_warps = cfg.pop("num_warps")
+    signature = {
+        "z_ptr": pointer(z_dtype), "book_ptr": pointer(book_dtype), "centred_ptr": pointer(acc),
+        "norms_ptr": pointer(acc), "mu_ptr": pointer(acc), "idx_ptr": pointer(torch.int64),
+        "zq_ptr": pointer(z_dtype), "sse_ptr": pointer(acc),
+        **{name: "i32" for name in ("N", "K", "R1", "R2", "sz0", "sz1", "sz2", "szd",
+                                    "sq0", "sq1", "sq2", "sqd", "sbk", "sbd")},
+    }
+    constexprs = dict(D=D, WRITE_ZQ=write_zq, ACC=tl.float64 if acc == torch.float64 else tl.float32, **cfg)
+    return signature, constexprs, num_warps
+
+
+def _row_dims(shape: tuple[int, ...], *strides: tuple[int, ...]) -> tuple[list[int], list[list[int]]]:
+    """Merge the row dimensions (all but the code dimension) into at most three, for every
+    stride set at once; dims of size 1 are dropped. Returns sizes and one stride list per set."""
+    dims = [(n, [s[i] for s in strides]) for i, n in enumerate(shape) if n != 1]
+    merged: list = []
+    for n, st in dims:
+        if merged and all(prev == cur * n for prev, cur in zip(merged[-1][1], st)):
+            merged[-1] = (merged[-1][0] * n, st)
+        else:
+            merged.append((n, st))
+    while len(merged) < 3:
+        merged.insert(0, (1, [0] * len(strides)))
+    return [n for n, _ in merged], [[st[i] for _, st in merged] for i in range(len(strides))]
+
+
+def nearest_code(
+    z: torch.Tensor, codebook: torch.Tensor, dim: int, write_zq: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the kernel. Returns (indices shaped like z without dim, z_q like z or None,
+    the summed squared error (code - z)^2 as a 0-dim float32/float64 tensor or None)."""
+    acc = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
+    D, K = codebook.shape[1], codebook.shape[0]
+    zm = z.movedim(dim, -1)
+    indices = torch.empty(zm.shape[:-1], dtype=torch.long, device=z.device)
+    z_q = torch.empty_like(z) if write_zq else None
+    qm = z_q.movedim(dim, -1) if write_zq else zm
+    sizes, (zs, qs) = _row_dims(tuple(zm.shape[:-1]), zm.stride()[:-1], qm.stride()[:-1])
+    if len(sizes) > 3:
+        # Rare: more than three row dims that no view can merge. Run on a contiguous copy
+        # (whose rows merge into two dims), then lay z_q out like z.
+        indices, dense_q, sse = nearest_code(z.contiguous(), codebook, dim, write_zq)
+        return indices, z_q.copy_(dense_q) if write_zq else None, sse
+    N = indices.numel()
+    sse = torch.zeros((), dtype=acc, device=z.device)
+    if N == 0:
+        return indices, z_q, sse if write_zq else None
+    book = codebook.to(acc)
+    mu = book.mean(dim=0)
+    centred = (book - mu).contiguous()
+    norms = (centred * centred).sum(dim=1)
+    cfg = launch_config(D, K, acc)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
+    partial = torch.empty(grid[0], dtype=acc, device=z.device)
+    nearest_code_kernel[grid](
+        zm, codebook, centred, norms, mu,
+        indices, qm, partial,
+        N, K, sizes[1], sizes[2],
+        *zs, zm.stride(-1), *qs, qm.stride(-1),
+        codebook.stride(0), codebook.stride(1),
+        D=D, WRITE_ZQ=write_zq, ACC=tl.float64 if acc == torch.float64 else tl.float32, **cfg,
+    )
+    return indices, z_q, partial.sum() if write_zq else None

@@ -1,0 +1,88 @@
+"""The one place that decides which implementation each fused op runs.
+
+"auto" runs Triton for CUDA tensors when triton imports, eager PyTorch otherwise. "triton" and
+"eager" force a path; "triton" on CPU tensors runs the kernels in Triton's interpreter, which
+needs TRITON_INTERPRET=1 set before the kernels are first imported. A forced path that cannot
+run raises; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "eager")
+ENV_VAR = "VQFAST_BACKEND"
+#: The ops with a Triton kernel; every other op is eager everywhere.
+FUSED_OPS = ("nearest_code", "quantize")
+
+_forced: str | None = None
+
+
+def set_backend(name: str | None) -> None:
+    """Force "triton" or "eager" for every fused op, or "auto"; None defers to $VQFAST_BACKEND.
+
+    Takes effect at the next call (a function already compiled with torch.compile keeps the
+    path it was traced with).
+    """
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)} or None, got {name!r}")
+    _forced = name
+
+
+def get_backend() -> str:
+    """The backend in force: set_backend's, else $VQFAST_BACKEND's, else "auto"."""
+    if _forced is not None:
+        return _forced
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {list(BACKENDS)}, got {os.environ[ENV_VAR]!r}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def triton_problem() -> str | None:
+    """Why the Triton kernels cannot be imported here, or None when they can."""
+    try:
+        from .kernels import codebook  # noqa: F401
+    except Exception as e:  # ImportError, or triton failing to find a backend
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _kernels_interpreted() -> bool:
+    from .kernels import codebook
+
+    return codebook.INTERPRETED
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether the fused ops run their Triton kernels for tensors on ``device``."""
+    backend = get_backend()
+    if backend == "eager":
+        return False
+    problem = triton_problem()
+    if backend == "auto":
+        return device.type == "cuda" and problem is None
+    if problem is not None:
+        raise RuntimeError(f"the 'triton' backend is forced but the kernels cannot be imported ({problem})")
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu" and _kernels_interpreted():
+        return True
+    raise RuntimeError(
+        f"the 'triton' backend is forced for {device.type} tensors; Triton runs on CUDA tensors, "
+        "or on CPU tensors when TRITON_INTERPRET=1 was set before vqfast's kernels were imported"
+    )
+
+
+def backend_info(device: str | torch.device = "cpu") -> dict[str, str]:
+    """For each fused op, "triton" or "eager": the path it takes for tensors on ``device`` now.
+
+    Raises, as the op itself would, when a forced backend cannot run there.
+    """
+    path = "triton" if use_triton(torch.device(device)) else "eager"
+    return {op: path for op in FUSED_OPS}

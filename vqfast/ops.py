@@ -1,0 +1,82 @@
+"""The fused ops as torch.library custom ops: one schema, a fake for torch.compile, the autograd
+formula, and an implementation that runs the Triton kernel or the eager reference.
+
+The path is an argument (``use_triton``) so that the dispatcher's choice is made once, outside
+the op, where torch.compile can see it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+def _kernels():
+    from .kernels import codebook
+
+    return codebook
+
+
+@torch.library.custom_op("vqfast::nearest_code", mutates_args=())
+def nearest_code(z: Tensor, codebook: Tensor, dim: int, use_triton: bool) -> Tensor:
+    if use_triton:
+        return _kernels().nearest_code(z, codebook, dim, write_zq=False)[0]
+    return reference.nearest_code(z, codebook, dim)
+
+
+@nearest_code.register_fake
+def _(z, codebook, dim, use_triton):
+    return z.new_empty(z.movedim(dim, -1).shape[:-1], dtype=torch.long)
+
+
+@torch.library.custom_op("vqfast::quantize", mutates_args=())
+def quantize(
+    z: Tensor, codebook: Tensor, dim: int, z_weight: float, code_weight: float, use_triton: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(z_q, indices, loss): z_q the nearest codes laid out like z, loss
+    (z_weight + code_weight) * mean((code - z)^2) in z's dtype."""
+    if use_triton:
+        indices, z_q, sse = _kernels().nearest_code(z, codebook, dim, write_zq=True)
+    else:
+        indices, z_q, sse = reference.quantize(z, codebook, dim)
+    loss = (sse * (z_weight + code_weight) / z.numel()).to(z.dtype)  # 0/0 = NaN for an empty z
+    return z_q, indices, loss
+
+
+@quantize.register_fake
+def _(z, codebook, dim, z_weight, code_weight, use_triton):
+    shape = z.movedim(dim, -1).shape[:-1]
+    return torch.empty_like(z), z.new_empty(shape, dtype=torch.long), z.new_empty(())
+
+
+def _setup_quantize(ctx, inputs, output):
+    z, codebook, dim, z_weight, code_weight, _ = inputs
+    z_q, indices, _ = output
+    ctx.save_for_backward(z, z_q, indices)
+    ctx.dim, ctx.z_weight, ctx.code_weight = dim, z_weight, code_weight
+    ctx.book_shape, ctx.book_dtype = codebook.shape, codebook.dtype
+
+
+def _backward_quantize(ctx, grad_zq, grad_indices, grad_loss):
+    """Straight-through to z, plus the commitment loss's two stop-gradient halves:
+    d/dz z_weight * mean((sg[e] - z)^2) and d/de code_weight * mean((e - sg[z])^2)."""
+    z, z_q, indices = ctx.saved_tensors
+    acc = reference.accumulator(z)
+    diff = z_q.to(acc) - z.to(acc)  # e - z
+    scale = 2.0 / max(1, z.numel())
+    grad_z = grad_book = None
+    if ctx.needs_input_grad[0]:
+        grad_z = torch.zeros_like(z) if grad_zq is None else grad_zq.clone()
+        if grad_loss is not None:
+            grad_z += (grad_loss.to(acc) * (-ctx.z_weight * scale) * diff).to(z.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_book = torch.zeros(ctx.book_shape, dtype=ctx.book_dtype, device=z.device)
+        if grad_loss is not None:
+            rows = (grad_loss.to(acc) * (ctx.code_weight * scale) * diff).movedim(ctx.dim, -1)
+            grad_book.index_add_(0, indices.reshape(-1), rows.reshape(-1, ctx.book_shape[1]).to(ctx.book_dtype))
+    return grad_z, grad_book, None, None, None, None
+
+
+quantize.register_autograd(_backward_quantize, setup_context=_setup_quantize)

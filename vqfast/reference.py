@@ -1,0 +1,55 @@
+"""Eager PyTorch implementations of the fused ops: the CPU path, and the kernels' test reference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Bytes of distances the eager codebook search holds at once. Small on purpose: a tile that
+#: stays in cache between the matmul that writes it and the argmin that reads it measured 3x
+#: faster on CPU than 64 MiB tiles (0.76 s vs 2.6 s at K=16384, D=4, N=65536 on 2 cores),
+#: and memory stays O(N).
+SCRATCH_BYTES = 2**20
+
+
+def accumulator(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (half inputs are upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.no_grad()
+def nearest_code(
+    z: torch.Tensor, codebook: torch.Tensor, dim: int, scratch_bytes: int = SCRATCH_BYTES
+) -> torch.Tensor:
+    """Indices of the nearest codes, ranked on codebook-centred vectors in row chunks so that
+    at most ``scratch_bytes`` of distances exist at once (see functional.nearest_code)."""
+    D = codebook.shape[1]
+    zm = z.movedim(dim, -1)
+    rows = zm.reshape(-1, D)
+    acc = accumulator(z, codebook)
+    book = codebook.to(acc)
+    mu = book.mean(dim=0)
+    centred = book - mu
+    norms = (centred * centred).sum(dim=1)
+    n, k = rows.shape[0], codebook.shape[0]
+    chunk = max(1, min(n, scratch_bytes // (k * norms.element_size())))
+    scores = torch.empty(chunk, k, dtype=acc, device=z.device)
+    indices = torch.empty(n, dtype=torch.long, device=z.device)
+    for start in range(0, n, chunk):
+        zc = rows[start : start + chunk].to(acc) - mu
+        tile = scores[: zc.shape[0]]
+        torch.addmm(norms, zc, centred.t(), beta=1, alpha=-2, out=tile)
+        torch.argmin(tile, dim=1, out=indices[start : start + chunk])
+    return indices.view(zm.shape[:-1])
+
+
+@torch.no_grad()
+def quantize(z: torch.Tensor, codebook: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices, z_q, sse): z_q the gathered codes laid out like z (torch.empty_like(z)), sse the
+    summed squared error (code - z)^2 in the accumulator dtype."""
+    indices = nearest_code(z, codebook, dim)
+    codes = F.embedding(indices, codebook).movedim(-1, dim)
+    z_q = torch.empty_like(z).copy_(codes)
+    acc = accumulator(z, codebook)
+    sse = ((z_q.to(acc) - z.to(acc)) ** 2).sum(dtype=torch.float64).to(acc)
+    return indices, z_q, sse
