@@ -26,8 +26,9 @@ def pointer(dtype: torch.dtype) -> str:
 
 
 def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, arch: int) -> dict[str, int]:
-    """Compile ``fn`` for sm_<arch> and return {"registers", "shared", "stack", "local"} per thread
-    (shared per block), as cuobjdump -res-usage reports them."""
+    """Compile ``fn`` for sm_<arch>; return its registers, stack and local bytes per thread and
+    shared bytes per block (cuobjdump -res-usage), and the count of local-memory stores and
+    loads in its SASS (spills)."""
     sig = dict(signature)
     sig.update({name: "constexpr" for name in constexprs})
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
@@ -38,6 +39,12 @@ def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, arc
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
         out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
     found = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|SHARED|STACK|LOCAL):(\d+)", out)}
-    return {"registers": found["reg"], "shared": found["shared"], "stack": found["stack"], "local": found["local"]}
+    return {
+        "registers": found["reg"], "shared": found["shared"], "stack": found["stack"], "local": found["local"],
+        # register spills show as local-memory stores and loads in the SASS
+        "spill_stores": len(re.findall(r"\bSTL(?:\.\w+)*\b", sass)),
+        "spill_loads": len(re.findall(r"\bLDL(?:\.\w+)*\b", sass)),
+    }
 

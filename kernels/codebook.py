@@ -39,21 +39,24 @@ def nearest_code_kernel(
     ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    # Row numbers fit 32 bits (the launcher checks N < 2^31; 64-bit division is a slow
+    # subroutine on the GPU); element offsets are 64-bit, as strides times sizes may not fit.
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    i2 = rows % R2
-    i1 = (rows // R2) % R1
-    i0 = rows // R2 // R1
+    i2 = (rows % R2).to(tl.int64)
+    i1 = ((rows // R2) % R1).to(tl.int64)
+    i0 = (rows // R2 // R1).to(tl.int64)
     z_row = i0 * sz0 + i1 * sz1 + i2 * sz2
 
     best = tl.full([BLOCK_N], float("inf"), ACC)
     best_idx = tl.zeros([BLOCK_N], tl.int32)  # K < 2^31; widened for addressing below
     offs_k = tl.arange(0, BLOCK_K)
+    # The tile's base is a pointer advanced tile by tile (64-bit, so K * D may pass 2^31);
+    # offsets inside a tile stay 32-bit.
+    tile_ptr = centred_ptr
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         k_ok = ks < K
-        # the tile's base offset in int64 (K * D may pass 2^31), offsets inside it in int32
-        tile_ptr = centred_ptr + k0.to(tl.int64) * D
         if USE_DOT:
             acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -81,6 +84,7 @@ def nearest_code_kernel(
         take = tile_best < best
         best = tl.where(take, tile_best, best)
         best_idx = tl.where(take, tile_idx + k0, best_idx)
+        tile_ptr += BLOCK_K * D
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
 
     if WRITE_ZQ:
@@ -100,15 +104,15 @@ def nearest_code_kernel(
 def launch_config(D: int, K: int, acc: torch.dtype) -> dict:
     """Tile sizes by code width and codebook size (fixed, so runs are deterministic).
 
-    D >= 16 in fp32 goes through tl.dot, whose tiles must be at least 16 wide; thin BLOCK_D
-    slices keep its operands in registers. Small D runs on FMAs over (32 rows x 64 codes)
-    tiles (32 x 32 in fp64). Both were picked as the largest tiles that compile for sm_80 and sm_90 without
-    spilling (tests/test_kernel_compile.py checks every entry).
+    D >= 16 in fp32 goes through tl.dot (64 rows x 32 codes, 16-wide slices of D; its tiles
+    must be at least 16 wide); small D, and fp64, run on FMAs over 32 x 64 tiles (32 x 32 in
+    fp64). These are the largest tiles found to compile for sm_80 and sm_90 without spilling
+    (tests/test_kernel_compile.py checks every entry); tuning them for speed needs a GPU.
     """
     use_dot = D >= 16 and acc == torch.float32
     if use_dot:
-        return dict(BLOCK_N=32, BLOCK_K=min(64, max(16, triton.next_power_of_2(K))), BLOCK_D=16,
-                    USE_DOT=True, num_warps=4)
+        return dict(BLOCK_N=64, BLOCK_K=min(32, max(16, triton.next_power_of_2(K))), BLOCK_D=16,
+                    USE_DOT=True, num_warps=8)
     block_k = 64 if acc == torch.float32 else 32
     return dict(BLOCK_N=32, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(K))),
                 BLOCK_D=min(16, triton.next_power_of_2(D)), USE_DOT=False, num_warps=4)
@@ -166,6 +170,8 @@ def nearest_code(
         indices, dense_q, sse = nearest_code(z.contiguous(), codebook, dim, write_zq)
         return indices, z_q.copy_(dense_q) if write_zq else None, sse
     N = indices.numel()
+    if N >= 2**31:
+        raise ValueError(f"z holds {N} vectors; the Triton kernel takes fewer than 2^31 per call, split z")
     sse = torch.zeros((), dtype=acc, device=z.device)
     if N == 0:
         return indices, z_q, sse if write_zq else None
