@@ -16,6 +16,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
 _POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
             torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}
@@ -29,6 +30,8 @@ def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, arc
     """Compile ``fn`` for sm_<arch>; return its registers, stack and local bytes per thread and
     shared bytes per block (cuobjdump -res-usage), and the count of local-memory stores and
     loads in its SASS (spills)."""
+    if not isinstance(fn, JITFunction):  # under TRITON_INTERPRET=1 triton.jit gave a wrapper
+        fn = JITFunction(fn.fn)
     sig = dict(signature)
     sig.update({name: "constexpr" for name in constexprs})
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
@@ -48,3 +51,28 @@ def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, arc
         "spill_loads": len(re.findall(r"\bLDL(?:\.\w+)*\b", sass)),
     }
 
+
+
+def report(archs: tuple[int, ...] = (80, 90)) -> list[dict]:
+    """Compile every launch configuration the kernels' launchers can choose, for each target."""
+    from . import codebook
+
+    rows = []
+    for dtype, D, K, write_zq in codebook.aot_cases():
+        signature, constexprs, num_warps = codebook.compile_spec(dtype, dtype, D, K, write_zq)
+        for arch in archs:
+            res = compile_resources(codebook.nearest_code_kernel, signature, constexprs, num_warps, arch)
+            config = {k: v for k, v in constexprs.items() if k.startswith(("BLOCK", "USE"))}
+            rows.append(dict(kernel="nearest_code", dtype=str(dtype).removeprefix("torch."), D=D, K=K,
+                             write_zq=write_zq, arch=f"sm_{arch}", num_warps=num_warps, **config, **res))
+    return rows
+
+
+if __name__ == "__main__":
+    # Run in a process of its own: under TRITON_INTERPRET=1 triton.language is patched for the
+    # interpreter and cannot compile for a GPU.
+    import json
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run with TRITON_INTERPRET unset or 0: the interpreter cannot compile for a GPU")
+    print(json.dumps(report()))

@@ -75,12 +75,14 @@ def nearest_code_kernel(
                 zd = tl.load(z_ptr + z_row + d * szd, mask=row_ok, other=0.0).to(ACC) - tl.load(mu_ptr + d)
                 ed = tl.load(tile_ptr + offs_k * D + d, mask=k_ok, other=0.0)
                 acc += zd[:, None] * ed[None, :]
-        # codes past K score +inf (a NaN row scores NaN everywhere and never wins anyway)
         norms = tl.load(norms_ptr + ks, mask=k_ok, other=float("inf"))
         scores = norms[None, :] - 2.0 * acc
+        # torch.argmin's rule: a NaN is smaller than everything and the first NaN wins, so a row
+        # containing NaN gets index 0 (and a NaN code, every row). -inf stands for NaN here.
+        scores = tl.where(scores != scores, float("-inf"), scores)
+        scores = tl.where(k_ok[None, :], scores, float("inf"))  # codes past K never win
         tile_best, tile_idx = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        # strict <: on a tie the earlier tile (the lower index) keeps the row; NaN rows never
-        # win a comparison and keep index 0, which is what torch.argmin gives them.
+        # strict <: on a tie the earlier tile (the lower index) keeps the row
         take = tile_best < best
         best = tl.where(take, tile_best, best)
         best_idx = tl.where(take, tile_idx + k0, best_idx)
@@ -116,6 +118,18 @@ def launch_config(D: int, K: int, acc: torch.dtype) -> dict:
     block_k = 64 if acc == torch.float32 else 32
     return dict(BLOCK_N=32, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(K))),
                 BLOCK_D=min(16, triton.next_power_of_2(D)), USE_DOT=False, num_warps=4)
+
+
+def aot_cases() -> list[tuple[torch.dtype, int, int, bool]]:
+    """(dtype, D, K, write_zq) inputs that between them reach every entry of launch_config and
+    every pointer type, for ahead-of-time compile checks and resource reports."""
+    cases = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        cases += [(dtype, 4, 16384, True), (dtype, 64, 8192, True), (dtype, 256, 16384, False)]
+    cases += [(torch.float32, 3, 8192, False), (torch.float32, 4, 7, True), (torch.float32, 8, 20, True),
+              (torch.float32, 17, 7, True), (torch.float32, 1, 1, True),
+              (torch.float64, 4, 16384, True), (torch.float64, 64, 100, False)]
+    return cases
 
 
 def compile_spec(z_dtype: torch.dtype, book_dtype: torch.dtype, D: int, K: int, write_zq: bool):

@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Kernels run on CPU tensors through Triton's interpreter, which triton.jit picks when the
+# variable is set before the kernels are imported. A GPU run sets TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import vqfast  # noqa: E402
+
+#: Where kernel tests put their tensors: the GPU when there is one and the kernels are compiled.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
+
+
+@pytest.fixture(params=["eager", "triton"])
+def backend(request):
+    """Run a test once on each path of the fused ops."""
+    vqfast.set_backend(request.param)
+    yield request.param
+    vqfast.set_backend(None)
 
 # Scaled-down configs covering the real checkpoints (the full ones live in bench/configs).
 CONFIGS = {

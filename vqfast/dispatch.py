@@ -59,6 +59,8 @@ def _kernels_interpreted() -> bool:
     return codebook.INTERPRETED
 
 
+# torch.compile evaluates the choice once, while tracing, and bakes it into the graph.
+@torch.compiler.assume_constant_result
 def use_triton(device: torch.device) -> bool:
     """Whether the fused ops run their Triton kernels for tensors on ``device``."""
     backend = get_backend()
