@@ -22,5 +22,8 @@ demo: install
 test: install-test
 	$(PYTHON) -m pytest tests
 
+# Writes pytest-benchmark's JSON (machine, versions, date, every case) under bench/results/.
 bench: install-test
-	$(PYTHON) -m pytest bench --benchmark-only
+	mkdir -p bench/results
+	$(PYTHON) -m pytest bench --benchmark-only --benchmark-columns=mean,min,max,rounds \
+		--benchmark-json=bench/results/bench-$$(date +%Y-%m-%d)-$$($(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json

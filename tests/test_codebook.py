@@ -236,8 +236,8 @@ def test_bad_arguments_are_named():
 
 def test_model_on_the_triton_path_matches_eager():
     torch.manual_seed(0)
-    model = vqfast.VQModel(block_out_channels=(32,), norm_num_groups=8, num_vq_embeddings=40).eval()
-    x = torch.randn(1, 3, 8, 8)
+    model = vqfast.VQModel(block_out_channels=(32,), norm_num_groups=8, num_vq_embeddings=40).eval().to(DEVICE)
+    x = torch.randn(1, 3, 8, 8, device=DEVICE)
     with torch.no_grad():
         vqfast.set_backend("eager")
         ref = model(x)

@@ -27,20 +27,27 @@ def test_full_size_search_never_holds_the_distance_matrix():
     """MoVQ's K=16384, D=4 with N=65536: the N x K float32 distances would be 4 GiB."""
     code = textwrap.dedent(
         """
-        import resource, torch
-        from vqfast.functional import nearest_code
+        import torch
+        from vqfast.reference import nearest_code
+
+        def peak_kib():  # VmHWM starts afresh at exec, unlike ru_maxrss (inherited from the parent)
+            line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+            return int(line.split()[1])
+
         z = torch.randn(65536, 4); e = torch.randn(16384, 4)
-        nearest_code(z[:8], e)  # warm up allocator and BLAS
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        idx = nearest_code(z, e)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print((after - before) * 1024, idx.shape[0])
+        nearest_code(z[:8], e, 1)  # warm up allocator and BLAS
+        before = peak_kib()
+        idx = nearest_code(z, e, 1)
+        searched = peak_kib()
+        full = torch.cdist(z[:16384], e)  # a quarter of the matrix: proves the probe sees it
+        print((searched - before) * 1024, (peak_kib() - searched) * 1024, idx.shape[0])
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    grown, n = map(int, out.stdout.split())
+    grown, probe, n = map(int, out.stdout.split())
     assert n == 65536
-    assert grown < 64 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB (the matrix is 4096 MiB)"
+    assert probe > 2**30 - 2**27, f"the probe missed a 1 GiB allocation ({probe / 2**20:.0f} MiB)"
+    assert grown < 64 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB"
 
 
 @pytest.mark.parametrize("h, H", [(4, 32), (4, 4), (3, 5), (5, 3), (7, 33)])
