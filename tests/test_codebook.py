@@ -244,5 +244,6 @@ def test_model_on_the_triton_path_matches_eager():
         vqfast.set_backend("triton")
         out = model(x)
     vqfast.set_backend(None)
-    assert torch.equal(out.sample, ref.sample)
+    # the norms run their kernels too now: equal to rounding, not bitwise
+    assert ((out.sample - ref.sample).abs().max() / ref.sample.abs().max()).item() <= 1e-5
     assert torch.allclose(out.commit_loss, ref.commit_loss, rtol=1e-6)

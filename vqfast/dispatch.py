@@ -16,7 +16,7 @@ import torch
 BACKENDS = ("auto", "triton", "eager")
 ENV_VAR = "VQFAST_BACKEND"
 #: The ops with a Triton kernel; every other op is eager everywhere.
-FUSED_OPS = ("nearest_code", "quantize")
+FUSED_OPS = ("nearest_code", "quantize", "group_norm", "spatial_norm")
 
 _forced: str | None = None
 
@@ -47,7 +47,7 @@ def get_backend() -> str:
 def triton_problem() -> str | None:
     """Why the Triton kernels cannot be imported here, or None when they can."""
     try:
-        from .kernels import codebook  # noqa: F401
+        from .kernels import codebook, group_norm, spatial_norm  # noqa: F401
     except Exception as e:  # ImportError, or triton failing to find a backend
         return f"{type(e).__name__}: {e}"
     return None

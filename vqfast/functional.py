@@ -5,7 +5,6 @@ runs it: a Triton kernel (vqfast.kernels) or the eager reference (vqfast.referen
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from .dispatch import use_triton
@@ -73,6 +72,15 @@ def quantize(
     return ops.quantize(z, codebook, dim, z_weight, code_weight, use_triton(z.device))
 
 
+def _check_norm(x: torch.Tensor, num_groups: int, name: str) -> None:
+    if x.ndim not in (3, 4):
+        raise ValueError(f"{name} must be (B, C, H, W) or (B, C, L), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating, got {x.dtype}")
+    if num_groups < 1 or x.shape[1] % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide the {x.shape[1]} channels of {name}")
+
+
 def group_norm(
     x: torch.Tensor,
     num_groups: int,
@@ -81,10 +89,11 @@ def group_norm(
     eps: float = 1e-6,
     activation: str | None = None,
 ) -> torch.Tensor:
-    """GroupNorm over x (B, C, *), then SiLU when ``activation == "silu"``."""
+    """GroupNorm over x (B, C, H, W) or (B, C, L), then SiLU when ``activation == "silu"``.
+    Output in x's dtype and memory format; statistics in fp32."""
     _check_activation(activation)
-    y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if activation == "silu" else y
+    _check_norm(x, num_groups, "x")
+    return ops.group_norm(x, num_groups, weight, bias, float(eps), activation == "silu", use_triton(x.device))
 
 
 def spatial_norm(
@@ -100,18 +109,16 @@ def spatial_norm(
     """GroupNorm(f) * up(scale) + up(shift), then SiLU when asked.
 
     f: (B, C, H, W). scale, shift: (B, C, h, w), conv_y(zq) and conv_b(zq) at the latent
-    resolution; ``up`` is PyTorch's nearest resize to (H, W). When H and W are integer multiples
-    of h and w the maps are broadcast over a (h, H/h, w, W/w) view instead of being upsampled,
-    so no full-size scale or shift map is ever made.
+    resolution; ``up`` is PyTorch's nearest resize to (H, W) (what diffusers' upsampling of zq
+    picks), for any h and H, integer ratio or not. No full-size scale or shift map is made.
     """
     _check_activation(activation)
-    y = F.group_norm(f, num_groups, weight, bias, eps)
-    (B, C, H, W), (h, w) = f.shape, scale.shape[-2:]
-    if H % h == 0 and W % w == 0:
-        y6 = y.view(B, C, h, H // h, w, W // w)
-        y = (y6 * scale[:, :, :, None, :, None] + shift[:, :, :, None, :, None]).reshape(B, C, H, W)
-    else:
-        y = y * F.interpolate(scale, size=(H, W), mode="nearest") + F.interpolate(
-            shift, size=(H, W), mode="nearest"
+    _check_norm(f, num_groups, "f")
+    if f.ndim != 4 or scale.shape != shift.shape or scale.shape[:2] != f.shape[:2] or scale.ndim != 4:
+        raise ValueError(
+            f"spatial_norm needs f (B, C, H, W) and scale, shift (B, C, h, w) of one shape, got "
+            f"{tuple(f.shape)}, {tuple(scale.shape)}, {tuple(shift.shape)}"
         )
-    return F.silu(y) if activation == "silu" else y
+    return ops.spatial_norm(
+        f, scale, shift, num_groups, weight, bias, float(eps), activation == "silu", use_triton(f.device)
+    )

@@ -19,6 +19,24 @@ def _kernels():
     return codebook
 
 
+def _new_like(x: Tensor) -> Tensor:
+    """An empty output laid out as F.group_norm lays out its own: x's strides when x is dense in
+    its memory format (channels_last for a 4-D channels_last x, contiguous otherwise), else
+    fresh strides in that format. The layers after a norm then see the layout they see in
+    diffusers, which matters: matmuls and convolutions round by layout."""
+    channels_last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if x.is_contiguous(memory_format=fmt):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _in_layout_of(out: Tensor, x: Tensor) -> Tensor:
+    """out in the layout _new_like(x) has (what the fakes promise torch.compile)."""
+    like = _new_like(x)
+    return out if out.stride() == like.stride() else like.copy_(out)
+
+
 @torch.library.custom_op("vqfast::nearest_code", mutates_args=())
 def nearest_code(z: Tensor, codebook: Tensor, dim: int, use_triton: bool) -> Tensor:
     if use_triton:
@@ -80,3 +98,70 @@ def _backward_quantize(ctx, grad_zq, grad_indices, grad_loss):
 
 
 quantize.register_autograd(_backward_quantize, setup_context=_setup_quantize)
+
+
+# ---------------------------------------------------------------- GroupNorm and SpatialNorm
+# Backward recomputes the forward through the eager reference and differentiates that: the
+# kernels are forward-only, and a norm's backward needs its statistics again anyway.
+
+
+@torch.library.custom_op("vqfast::group_norm", mutates_args=())
+def group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float, silu: bool, use_triton: bool
+) -> Tensor:
+    if use_triton:
+        from .kernels import group_norm as kernel
+
+        return kernel.norm(_new_like(x), x, num_groups, weight, bias, eps, silu)
+    return _in_layout_of(reference.group_norm(x, num_groups, weight, bias, eps, silu), x)
+
+
+@group_norm.register_fake
+def _(x, num_groups, weight, bias, eps, silu, use_triton):
+    return _new_like(x)
+
+
+@torch.library.custom_op("vqfast::spatial_norm", mutates_args=())
+def spatial_norm(
+    f: Tensor, scale: Tensor, shift: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
+    eps: float, silu: bool, use_triton: bool,
+) -> Tensor:
+    if use_triton:
+        from .kernels import spatial_norm as kernel
+
+        return kernel.spatial_norm(_new_like(f), f, scale, shift, num_groups, weight, bias, eps, silu)
+    return _in_layout_of(reference.spatial_norm(f, scale, shift, num_groups, weight, bias, eps, silu), f)
+
+
+@spatial_norm.register_fake
+def _(f, scale, shift, num_groups, weight, bias, eps, silu, use_triton):
+    return _new_like(f)
+
+
+def _setup_recompute(ctx, inputs, output):
+    ctx.tensors = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
+    ctx.save_for_backward(*(inputs[i] for i in ctx.tensors))
+    ctx.inputs = [None if isinstance(a, Tensor) else a for a in inputs]
+
+
+def _recompute_backward(eager):
+    def backward(ctx, grad):
+        args = list(ctx.inputs)
+        wanted = []
+        with torch.enable_grad():
+            for i, t in zip(ctx.tensors, ctx.saved_tensors):
+                args[i] = t.detach().requires_grad_(ctx.needs_input_grad[i])
+                if ctx.needs_input_grad[i]:
+                    wanted.append(i)
+            out = eager(*args[:-1])  # the last argument is use_triton
+            grads = torch.autograd.grad(out, [args[i] for i in wanted], grad, allow_unused=True)
+        result = [None] * len(args)
+        for i, g in zip(wanted, grads):
+            result[i] = g
+        return tuple(result)
+
+    return backward
+
+
+group_norm.register_autograd(_recompute_backward(reference.group_norm), setup_context=_setup_recompute)
+spatial_norm.register_autograd(_recompute_backward(reference.spatial_norm), setup_context=_setup_recompute)
