@@ -1,4 +1,11 @@
 """Triton kernels and their launchers, installed as ``vqfast.kernels``.
 
-Only ``vqfast.functional`` imports from here, and only when the dispatcher picks Triton.
+Only ``vqfast.functional`` (through ``vqfast.ops``) imports from here, and only when the
+dispatcher picks Triton.
 """
+
+import os
+
+#: triton.jit reads TRITON_INTERPRET when a kernel is defined, so this is what our kernels are:
+#: run by Triton's interpreter (on CPU tensors) or compiled for a GPU.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -55,16 +55,27 @@ def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, arc
 
 def report(archs: tuple[int, ...] = (80, 90)) -> list[dict]:
     """Compile every launch configuration the kernels' launchers can choose, for each target."""
-    from . import codebook
+    from . import codebook, group_norm
 
-    rows = []
+    jobs = []
     for dtype, D, K, write_zq in codebook.aot_cases():
         signature, constexprs, num_warps = codebook.compile_spec(dtype, dtype, D, K, write_zq)
+        jobs.append((dict(dtype=dtype, D=D, K=K, write_zq=write_zq), codebook.nearest_code_kernel,
+                     signature, constexprs, num_warps))
+    for dtype, B, C, G, P, spatial in group_norm.aot_cases():
+        for kernel, signature, constexprs, num_warps in group_norm.compile_spec(dtype, B, C, G, P, spatial):
+            jobs.append((dict(dtype=dtype, B=B, C=C, G=G, HW=P, spatial=spatial), kernel,
+                         signature, constexprs, num_warps))
+    rows = []
+    for case, kernel, signature, constexprs, num_warps in jobs:
+        config = {k: v for k, v in constexprs.items() if k.startswith(("BLOCK", "USE", "SPATIAL", "SILU"))}
         for arch in archs:
-            res = compile_resources(codebook.nearest_code_kernel, signature, constexprs, num_warps, arch)
-            config = {k: v for k, v in constexprs.items() if k.startswith(("BLOCK", "USE"))}
-            rows.append(dict(kernel="nearest_code", dtype=str(dtype).removeprefix("torch."), D=D, K=K,
-                             write_zq=write_zq, arch=f"sm_{arch}", num_warps=num_warps, **config, **res))
+            res = compile_resources(kernel, signature, constexprs, num_warps, arch)
+            name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+            rows.append(dict(kernel=name.removesuffix("_kernel"), **case, dtype_=None, arch=f"sm_{arch}",
+                             num_warps=num_warps, **config, **res))
+            rows[-1]["dtype"] = str(case["dtype"]).removeprefix("torch.")
+            del rows[-1]["dtype_"]
     return rows
 
 

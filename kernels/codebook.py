@@ -12,15 +12,9 @@ VQGAN 256) on tl.dot tiles with input_precision="ieee" (exact fp32, no tf32).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-
-#: triton.jit reads TRITON_INTERPRET when a kernel is defined, so this is what our kernels are.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
 
 @triton.jit
 def nearest_code_kernel(

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRETED
+
 
 @triton.jit
 def _tile_offsets(x_ptr, bb, c, p, W, sb, sc, sh, sw):
@@ -129,16 +131,19 @@ def group_apply_kernel(
             tl.store(out, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-#: Programs to aim for in all, so that even batch 1 fills a GPU's SMs several times over.
-TARGET_PROGRAMS = 1024
+#: Programs to aim for in all, so that even batch 1 fills a GPU's SMs several times over. The
+#: interpreter runs programs one by one, so there a few suffice (still more than one per group
+#: for small batches, which keeps the split-and-combine path under test).
+TARGET_PROGRAMS = 8 if INTERPRETED else 1024
 
 
 def launch_config(B: int, G: int, CG: int, P: int) -> dict:
     """Tile and split sizes, fixed by shape (deterministic). BLOCK_C covers a group's channels
-    up to 32 at a time; BLOCK_P keeps a tile near 2048 elements; S splits each group so that
+    up to 32 at a time; BLOCK_P keeps a tile near 1024 elements (larger
+    tiles spill in the SpatialNorm gather); S splits each group so that
     B * G * S is near TARGET_PROGRAMS, with at least one tile per program."""
     block_c = min(32, triton.next_power_of_2(CG))
-    block_p = max(16, min(1024, 2048 // block_c, triton.next_power_of_2(P)))
+    block_p = max(16, min(1024, 1024 // block_c, triton.next_power_of_2(P)))
     tiles = triton.cdiv(P, block_p)
     splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, B * G)))
     per_prog = triton.cdiv(tiles, splits) * block_p
@@ -195,3 +200,36 @@ def norm(
         SILU=silu, num_warps=num_warps, **cfg,
     )
     return y
+
+
+def aot_cases() -> list[tuple[torch.dtype, int, int, int, bool, bool]]:
+    """(dtype, B, C, G, H*W, spatial) inputs reaching every launch_config branch (group widths
+    4, 24 and 64 channels; splits from 1 to many) and every pointer type."""
+    cases = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        cases += [(dtype, 1, 128, 32, 256 * 256, False), (dtype, 8, 512, 32, 64 * 64, True)]
+    cases += [(torch.float32, 1, 768, 32, 32 * 32, False), (torch.float32, 2, 64, 1, 33 * 31, True),
+              (torch.float32, 3, 6, 2, 5 * 7, False)]
+    return cases
+
+
+def compile_spec(dtype: torch.dtype, B: int, C: int, G: int, P: int, spatial: bool):
+    """[(kernel, signature, constexprs, num_warps)] for the two launches ``norm`` makes."""
+    from .aot import pointer
+
+    cfg = launch_config(B, G, C // G, P)
+    num_warps = cfg.pop("num_warps")
+    S = cfg.pop("S")
+    cfg.pop("per_prog")
+    ints = ("C", "P", "W", "G", "S", "per_prog")
+    stats_sig = {"x_ptr": pointer(dtype), "part_ptr": pointer(torch.float32),
+                 **{n: "i32" for n in ints + ("sb", "sc", "sh", "sw")}}
+    apply_sig = {"x_ptr": pointer(dtype), "y_ptr": pointer(dtype), "part_ptr": pointer(torch.float32),
+                 "w_ptr": pointer(dtype), "b_ptr": pointer(dtype), "scale_ptr": pointer(dtype),
+                 "shift_ptr": pointer(dtype), "src_h_ptr": pointer(torch.int32), "src_w_ptr": pointer(torch.int32),
+                 **{n: "i32" for n in ints}, "eps": "fp32",
+                 **{n: "i32" for n in ("sb", "sc", "sh", "sw", "yb", "yc", "yh", "yw", "mb", "mc", "mh", "mw")}}
+    apply_const = dict(CG=C // G, BLOCK_S=min(1024, triton.next_power_of_2(S)), AFFINE=True,
+                       SPATIAL=spatial, SILU=True, **cfg)
+    return [(group_stats_kernel, stats_sig, dict(CG=C // G, **cfg), num_warps),
+            (group_apply_kernel, apply_sig, apply_const, num_warps)]

@@ -5,7 +5,7 @@ import torch
 
 import vqfast
 from vqfast import dispatch
-from vqfast.kernels import codebook
+from vqfast import kernels
 
 
 @pytest.fixture(autouse=True)
@@ -35,12 +35,12 @@ def test_forcing_eager_and_triton():
     vqfast.set_backend("eager")
     assert vqfast.backend_info("cuda")["quantize"] == "eager"
     vqfast.set_backend("triton")
-    assert codebook.INTERPRETED  # the test suite runs the kernels in the interpreter
+    assert kernels.INTERPRETED  # the test suite runs the kernels in the interpreter
     assert set(vqfast.backend_info("cpu").values()) == {"triton"}
 
 
 def test_forced_triton_on_cpu_without_the_interpreter_raises(monkeypatch):
-    monkeypatch.setattr(codebook, "INTERPRETED", False)
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
     vqfast.set_backend("triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         vqfast.backend_info("cpu")

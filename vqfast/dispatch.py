@@ -54,9 +54,9 @@ def triton_problem() -> str | None:
 
 
 def _kernels_interpreted() -> bool:
-    from .kernels import codebook
+    from . import kernels
 
-    return codebook.INTERPRETED
+    return kernels.INTERPRETED
 
 
 # torch.compile evaluates the choice once, while tracing, and bakes it into the graph.

@@ -1,0 +1,177 @@
+"""group_norm and spatial_norm on both paths (eager, and the Triton kernels under the interpreter
+or on a GPU): the three-way rule against float64, layouts, hostile data, canaries, autograd."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+
+import vqfast
+from vqfast import functional as vf
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
+
+
+def three_way(out, ref64, same_dtype):
+    """flash-attention's rule: |ours - f64| <= 2 |torch in the same dtype - f64| + atol(dtype)."""
+    ours = (out.double() - ref64).abs().max().item()
+    torch_err = (same_dtype.double() - ref64).abs().max().item()
+    assert ours <= 2 * torch_err + ATOL[out.dtype] * max(1.0, ref64.abs().max().item()), (ours, torch_err)
+
+
+def gn_ref(x, groups, w, b, silu):
+    y = F.group_norm(x, groups, w, b, 1e-6)
+    return F.silu(y) if silu else y
+
+
+def sn_ref(f, scale, shift, groups, w, b, silu):
+    up = lambda t: F.interpolate(t, size=f.shape[-2:], mode="nearest")
+    y = F.group_norm(f, groups, w, b, 1e-6) * up(scale) + up(shift)
+    return F.silu(y) if silu else y
+
+
+def make(shape, dtype, g, mean=0.0, std=1.0, channels_last=False):
+    t = (mean + std * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype).to(DEVICE)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+@pytest.mark.parametrize("cg", [1, 3, 4, 6])
+@pytest.mark.parametrize("shape", [(1, 33, 31), (3, 5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_three_way(backend, cg, shape, dtype, channels_last):
+    B, H, W = shape
+    G = 4
+    C = cg * G
+    g = torch.Generator().manual_seed(cg * 100 + H)
+    x = make((B, C, H, W), dtype, g, mean=1.0, std=3.0, channels_last=channels_last)
+    w, b = make((C,), dtype, g), make((C,), dtype, g)
+    for silu in (False, True):
+        out = vf.group_norm(x, G, w, b, activation="silu" if silu else None)
+        assert out.dtype == dtype and out.shape == x.shape
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        three_way(out, gn_ref(x.double(), G, w.double(), b.double(), silu), gn_ref(x, G, w, b, silu))
+
+
+def test_group_norm_without_affine_and_on_sequences(backend):
+    g = torch.Generator().manual_seed(1)
+    x = make((2, 12, 37), torch.float32, g)  # the attention blocks' (B, C, H*W)
+    three_way(vf.group_norm(x, 3), gn_ref(x.double(), 3, None, None, False), gn_ref(x, 3, None, None, False))
+    y = make((2, 12, 5, 4), torch.float32, g)
+    w = make((12,), torch.float32, g)
+    three_way(vf.group_norm(y, 3, w, None), gn_ref(y.double(), 3, w.double(), None, False), gn_ref(y, 3, w, None, False))
+
+
+def test_constant_input_gives_the_bias(backend):
+    x = torch.full((2, 8, 5, 3), 7.25, device=DEVICE)
+    b = torch.arange(8.0, device=DEVICE)
+    out = vf.group_norm(x, 2, torch.ones(8, device=DEVICE), b)
+    assert torch.equal(out, b.view(1, 8, 1, 1).expand_as(out))
+
+
+def test_large_mean_small_spread(backend):
+    """mean 300, std 0.1: E[x^2] - E[x]^2 would cancel to nothing in fp32."""
+    g = torch.Generator().manual_seed(2)
+    x = make((2, 8, 33, 31), torch.float32, g, mean=300.0, std=0.1)
+    three_way(vf.group_norm(x, 2), gn_ref(x.double(), 2, None, None, False), gn_ref(x, 2, None, None, False))
+
+
+@pytest.mark.parametrize("ratio", ["h=H/8", "3->5", "5->3", "7x6->33x31"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spatial_norm_three_way(backend, ratio, dtype, channels_last):
+    (h, w), (H, W) = {"h=H/8": ((4, 3), (32, 24)), "3->5": ((3, 3), (5, 5)), "5->3": ((5, 5), (3, 3)),
+                      "7x6->33x31": ((7, 6), (33, 31))}[ratio]
+    g = torch.Generator().manual_seed(H * W)
+    C = 64  # SpatialNorm always has 32 groups: 2 channels each
+    f = make((1, C, H, W), dtype, g, mean=0.5, std=2.0, channels_last=channels_last)
+    scale, shift = make((1, C, h, w), dtype, g), make((1, C, h, w), dtype, g)
+    wt, bs = make((C,), dtype, g), make((C,), dtype, g)
+    for silu in (False, True):
+        out = vf.spatial_norm(f, scale, shift, 32, wt, bs, activation="silu" if silu else None)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        ref = sn_ref(f.double(), scale.double(), shift.double(), 32, wt.double(), bs.double(), silu)
+        three_way(out, ref, sn_ref(f, scale, shift, 32, wt, bs, silu))
+
+
+def test_canaries(backend, monkeypatch):
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan") if t.is_floating_point() else -(2**30))
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    g = torch.Generator().manual_seed(3)
+    storage = torch.full((3, 70, 12, 12), float("nan"), dtype=torch.float64)
+    storage[1:, 3:67, 1:11, 2:11] = torch.randn(2, 64, 10, 9, generator=g, dtype=torch.float64)
+    f = storage.float().to(DEVICE)[1:, 3:67, 1:11, 2:11]
+    maps = torch.full((2, 2, 66, 6, 5), float("nan"))
+    maps[:, :, 1:65, 1:6, 1:4] = torch.randn(2, 2, 64, 5, 3, generator=g)
+    scale, shift = maps.to(DEVICE)[:, :, 1:65, 1:6, 1:4]
+    out = vf.spatial_norm(f, scale, shift, 32, None, None, activation="silu")
+    assert not out.isnan().any()
+    ref = sn_ref(f.double(), scale.double(), shift.double(), 32, None, None, True)
+    assert (out.double() - ref).abs().max() < 1e-5
+    out = vf.group_norm(f, 8, activation="silu")
+    assert not out.isnan().any()
+
+
+def test_gradients_float64(backend):
+    """Backward recomputes the forward through eager ops and differentiates it: gradcheck in
+    float64 on the eager path; the kernel path (fp32 inside) must give the very same gradients."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64).to(DEVICE)
+    w, b = torch.randn(2, 6, generator=g, dtype=torch.float64).to(DEVICE)
+    f = torch.randn(1, 32, 5, 4, generator=g, dtype=torch.float64).to(DEVICE)
+    scale, shift = torch.randn(2, 1, 32, 3, 2, generator=g, dtype=torch.float64).to(DEVICE)
+    gn = lambda *a: vf.group_norm(a[0], 3, a[1], a[2], activation="silu")
+    sn = lambda *a: vf.spatial_norm(a[0], a[1], a[2], 32, None, None, activation="silu")
+    for fn, inputs in ((gn, (x, w, b)), (sn, (f, scale, shift))):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        if backend == "eager":
+            assert torch.autograd.gradcheck(fn, leaves)
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        vqfast.set_backend("eager")
+        expected = torch.autograd.grad(fn(*leaves), leaves, torch.ones_like(out))
+        vqfast.set_backend(backend)
+        assert all(torch.equal(a, e) for a, e in zip(grads, expected))
+
+
+def test_opcheck(backend):
+    use_triton = backend == "triton"
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 5, 3, generator=g).to(DEVICE).requires_grad_()
+    w, b = torch.randn(2, 8, generator=g).to(DEVICE).requires_grad_()
+    torch.library.opcheck(torch.ops.vqfast.group_norm.default, (x, 4, w, b, 1e-6, True, use_triton))
+    cl = x.detach().contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.vqfast.group_norm.default, (cl, 4, None, None, 1e-6, False, use_triton))
+    f = torch.randn(1, 32, 6, 4, generator=g).to(DEVICE).requires_grad_()
+    scale, shift = torch.randn(2, 1, 32, 3, 2, generator=g).to(DEVICE)
+    torch.library.opcheck(torch.ops.vqfast.spatial_norm.default, (f, scale, shift, 32, None, None, 1e-6, True, use_triton))
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="num_groups=5 must divide the 8 channels of x"):
+        vf.group_norm(torch.randn(1, 8, 2, 2), 5)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        vf.group_norm(torch.randn(1, 8, 2, 2), 4, activation="gelu")
+    with pytest.raises(ValueError, match=r"scale, shift \(B, C, h, w\) of one shape"):
+        vf.spatial_norm(torch.randn(1, 32, 4, 4), torch.randn(1, 32, 2, 2), torch.randn(1, 32, 2, 3), 32, None, None)
+
+
+def test_compiled_decode_has_no_graph_break(backend):
+    """torch.compile(model.decode, fullgraph=True) of a MoVQ-like model (SpatialNorm, attention)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = vqfast.VQModel(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, vq_embed_dim=4,
+        norm_type="spatial", num_vq_embeddings=64,
+    ).eval().to(DEVICE)
+    h = torch.randn(1, 4, 4, 4, device=DEVICE)
+    decode = torch.compile(model.decode, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out, ref = decode(h).sample, model.decode(h).sample
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
