@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (torch and triton present, no network, maybe no diffusers):
 #   1. the kernel tests, compiled for the GPU (TRITON_INTERPRET=0), on CUDA tensors;
-#   2. the GPU benchmarks: vqfast's kernel against vqfast's eager path, argmin(cdist) and,
-#      when installed, diffusers, with peak memory.
+#   2. the GPU benchmarks: the codebook kernel against vqfast's eager path, argmin(cdist) and,
+#      when installed, diffusers, with peak memory; the norm kernels against eager PyTorch and
+#      torch.compile of it, with GB/s.
 # Everything goes under $OUT (default bench/results/gpu-DATE): logs, pytest-benchmark JSON, the
 # card's name. Budget: under 8 minutes; each step has its own timeout so a hang cannot eat the rest.
 # Dry run on a CPU machine: the same steps run on CPU (the kernel tests in the interpreter).
@@ -27,7 +28,7 @@ fi
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" > "$OUT/versions.txt" 2>&1
 
 status=0
-timeout 240 python -m pytest -q -p no:cacheprovider tests/test_codebook.py tests/test_dispatch.py \
+timeout 240 python -m pytest -q -p no:cacheprovider tests/test_codebook.py tests/test_norms.py tests/test_dispatch.py \
   > "$OUT/kernel-tests.log" 2>&1 || status=1
 tail -n 3 "$OUT/kernel-tests.log"
 
@@ -36,6 +37,11 @@ timeout 300 python -m pytest -q -p no:cacheprovider bench/test_bench_codebook.py
   ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-columns=mean,min,max,rounds \
   --benchmark-json="$OUT/bench-codebook.json" > "$OUT/bench-codebook.log" 2>&1 || status=1
 tail -n 3 "$OUT/bench-codebook.log"
+
+timeout 180 python -m pytest -q -p no:cacheprovider bench/test_bench_norms.py --benchmark-only \
+  ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-columns=mean,min,max,rounds \
+  --benchmark-json="$OUT/bench-norms.json" > "$OUT/bench-norms.log" 2>&1 || status=1
+tail -n 3 "$OUT/bench-norms.log"
 
 rm -rf "$STAGE"
 echo "results in $OUT (status $status)"

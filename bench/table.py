@@ -38,9 +38,11 @@ def rows() -> list[str]:
                 if name == "vqfast":
                     continue
                 bt = b["stats"]["mean"]
+                peaks = [x["extra_info"].get("peak_mib") for x in (ours, b)]
+                peak = "n/a" if None in peaks else f"{peaks[0]:.0f} / {peaks[1]:.0f} MiB"
                 out.append(
                     f"| {group} | {machine(run, ours)} | {t * 1e3:.1f} ms | {name} {bt * 1e3:.1f} ms | "
-                    f"{bt / t:.2f}x | {ours['extra_info']['peak_mib']:.0f} / {b['extra_info']['peak_mib']:.0f} MiB | {date} |"
+                    f"{bt / t:.2f}x | {peak} | {date} |"
                 )
     return out
 

@@ -175,3 +175,30 @@ def test_compiled_decode_has_no_graph_break(backend):
     with torch.no_grad():
         out, ref = decode(h).sample, model.decode(h).sample
     assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_every_norm_of_the_model_goes_through_the_fused_ops(monkeypatch):
+    """ResNet norm1/norm2, both conv_norm_out, the attention norms: each GroupNorm and SpatialNorm
+    module runs once per forward, through vqfast's ops (which the dispatcher routes)."""
+    from conftest import CONFIGS
+
+    from vqfast import reference
+    from vqfast.layers import SpatialNorm
+
+    calls = {"group_norm": 0, "spatial_norm": 0}
+    for name in calls:
+        real = getattr(reference, name)
+
+        def counted(*a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(reference, name, counted)
+    model = vqfast.VQModel(**CONFIGS["movq"]).eval()
+    vqfast.set_backend("eager")
+    with torch.no_grad():
+        model(torch.randn(1, 3, 16, 16))
+    vqfast.set_backend(None)
+    spatial = sum(isinstance(m, SpatialNorm) for m in model.modules())
+    groups = sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) - spatial  # one inside each SpatialNorm
+    assert spatial > 10 and calls == {"group_norm": groups, "spatial_norm": spatial}
