@@ -42,7 +42,7 @@ def demo(size: int, seed: int) -> None:
           f"({tokens.unique().numel()} distinct codes) -> image {tuple(sample.shape)}")
     print(f"encode {t1 - t0:.2f} s, codebook search {1e3 * (t2 - t1):.1f} ms, decode {t3 - t2:.2f} s")
     full = n * k * 4
-    print(f"codebook search scratch: at most {min(full, reference.SCRATCH_BYTES) / 2**20:.1f} MiB "
+    print(f"codebook search scratch: at most {min(full, reference.tile_bytes(config['vq_embed_dim'])) / 2**20:.1f} MiB "
           f"(the full {n} x {k} distance matrix would be {full / 2**20:.1f} MiB)")
 
 
