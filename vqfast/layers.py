@@ -52,8 +52,8 @@ class SpatialNorm(nn.Module):
 def norm_act(norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, act: nn.Module | None) -> torch.Tensor:
     """``act(norm(x))`` for a GroupNorm or a SpatialNorm, fusing the activation when it is SiLU."""
     fused = _fused_name(act)
-    if isinstance(norm, SpatialNorm):
-        y = norm(x, zq, activation=fused)
+    if hasattr(norm, "conv_y"):  # a SpatialNorm: ours, or diffusers' patched by vqfast.patch
+        y = SpatialNorm.forward(norm, x, zq, activation=fused)
     else:
         y = vf.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=fused)
     return y if act is None or fused else act(y)
@@ -92,7 +92,9 @@ class ResnetBlock2D(nn.Module):
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None, *_, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W); zq (diffusers calls it temb): the quantized latents, for SpatialNorm."""
+        zq = zq if zq is not None else temb
         h = norm_act(self.norm1, x, zq, self.nonlinearity)
         h = self.conv1(h)
         h = norm_act(self.norm2, h, zq, self.nonlinearity)
@@ -121,7 +123,9 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(channels, channels, bias=True)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels, bias=True), nn.Dropout(0.0)])
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W); zq (diffusers calls it temb): the quantized latents, for SpatialNorm."""
+        zq = zq if zq is not None else temb
         residual = x
         if self.spatial_norm is not None:
             x = self.spatial_norm(x, zq)

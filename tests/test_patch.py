@@ -1,0 +1,53 @@
+"""vqfast.patch / unpatch on a live diffusers VQModel."""
+
+import pytest
+import torch
+from conftest import images, make_pair, rel_err
+
+import vqfast
+
+
+def test_patch_accelerates_in_place_and_unpatch_restores(config_name):
+    theirs, _ = make_pair(config_name)
+    x = images(1)
+    state = {k: v for k, v in theirs.state_dict().items()}
+    with torch.no_grad():
+        ref = theirs(x)
+    assert vqfast.patch(theirs) is theirs
+    patched = [m for m in theirs.modules() if "forward" in vars(m)]
+    assert len(patched) >= 10
+    with torch.no_grad():
+        out = theirs(x)
+    assert rel_err(out.sample, ref.sample) <= 1e-5
+    assert rel_err(out.commit_loss, ref.commit_loss) <= 1e-5
+    after = theirs.state_dict()
+    assert list(after) == list(state) and all(after[k] is not None and torch.equal(after[k], state[k]) for k in state)
+    vqfast.patch(theirs)  # twice is the same as once
+    assert [m for m in theirs.modules() if "forward" in vars(m)] == patched
+    vqfast.unpatch(theirs)
+    assert not [m for m in theirs.modules() if "forward" in vars(m)]
+    with torch.no_grad():
+        assert torch.equal(theirs(x).sample, ref.sample)
+
+
+def test_patched_model_trains_like_diffusers():
+    theirs, _ = make_pair("movq")
+    twin, _ = make_pair("movq")
+    vqfast.patch(twin)
+    x = images(1)
+    for model in (theirs, twin):
+        model.train()
+        out = model(x)
+        (torch.mean((out.sample - x) ** 2) + out.commit_loss).backward()
+    grads = dict(theirs.named_parameters())
+    noise = 1e-6 * max(p.grad.abs().max() for p in theirs.parameters())
+    for name, p in twin.named_parameters():
+        if grads[name].grad.abs().max() > noise:
+            assert rel_err(p.grad, grads[name].grad) <= 1e-4, name
+
+
+def test_patch_refuses_other_models():
+    with pytest.raises(TypeError, match="patch expects a diffusers VQModel, got torch.nn.modules.linear.Linear"):
+        vqfast.patch(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="a vqfast.VQModel needs no patching"):
+        vqfast.patch(vqfast.VQModel())
