@@ -196,3 +196,34 @@ def test_half_precision_models(dtype):
         ref = exact.decode(z_q.double(), force_not_quantize=True).sample
     atol = {torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype] * ref.abs().max()
     assert (b - ref).abs().max() <= 2 * (a - ref).abs().max() + atol
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 3), (1, 4, 1, 1), (1, 16, 7, 6)])
+def test_folded_upsample_conv_is_the_same_function(shape):
+    from vqfast.layers import Upsample2D
+
+    torch.manual_seed(0)
+    up = Upsample2D(shape[1])
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    up = up.double()
+    folded = up(x)
+    up.fold = False
+    plain = up(x)
+    assert folded.shape == plain.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
+    assert (folded - plain).abs().max() <= 1e-12 * plain.abs().max()
+    gx, gw = torch.autograd.grad(folded.sum(), (x, up.conv.weight))
+    px, pw = torch.autograd.grad(plain.sum(), (x, up.conv.weight))
+    assert torch.allclose(gx, px, rtol=1e-10) and torch.allclose(gw, pw, rtol=1e-10)
+
+
+def test_exact_keeps_diffusers_order_bit_for_bit():
+    for name in ("movq", "ldm_f4"):
+        theirs, ours = make_pair(name)
+        assert not ours.exact
+        ours.exact = True
+        assert ours.exact
+        h = _latents(theirs)
+        with torch.no_grad():
+            a = theirs.decode(h, force_not_quantize=True).sample
+            b = ours.decode(h, force_not_quantize=True).sample
+        assert torch.equal(a, b)
