@@ -197,3 +197,15 @@ def test_every_norm_of_the_model_goes_through_the_fused_ops(monkeypatch):
     spatial = sum(isinstance(m, SpatialNorm) for m in model.modules())
     groups = sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) - spatial  # one inside each SpatialNorm
     assert spatial > 10 and calls == {"group_norm": groups, "spatial_norm": spatial}
+
+
+@pytest.mark.parametrize("hw", [(2048, 3), (3, 2048)])
+def test_tall_and_wide_images(backend, hw):
+    """H and W up to 2048: the position -> (row, column) arithmetic and the nearest maps."""
+    g = torch.Generator().manual_seed(6)
+    f = make((1, 32, *hw), torch.float32, g)
+    scale, shift = make((1, 32, hw[0] // 8 or 1, hw[1] // 8 or 1), torch.float32, g), make(
+        (1, 32, hw[0] // 8 or 1, hw[1] // 8 or 1), torch.float32, g)
+    out = vf.spatial_norm(f, scale, shift, 32, None, None)
+    ref = sn_ref(f.double(), scale.double(), shift.double(), 32, None, None, False)
+    three_way(out, ref, sn_ref(f, scale, shift, 32, None, None, False))
