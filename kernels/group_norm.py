@@ -31,6 +31,18 @@ def _tile_offsets(x_ptr, bb, c, p, W, sb, sc, sh, sw):
 
 
 @triton.jit
+def _load_tile(x_ptr, bb, c0, ci, p0, p_end, W, sb, sc, sh, sw,
+               CG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One [BLOCK_P, BLOCK_C] tile of a group's channels c0 + ci... at positions p0...: its
+    values in fp32 (0 where masked), positions, channels and mask."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    c = c0 + ci + tl.arange(0, BLOCK_C)
+    m = (p < p_end)[:, None] & (c < c0 + CG)[None, :]
+    x = tl.load(_tile_offsets(x_ptr, bb, c, p, W, sb, sc, sh, sw), mask=m, other=0.0).to(tl.float32)
+    return x, p, c, m
+
+
+@triton.jit
 def group_stats_kernel(
     x_ptr, part_ptr,  # part: (B * G, S, 3) float32 = (count, mean, M2)
     C, P, W, G, S, per_prog,  # channels, positions H * W, width, groups, splits, positions per program
@@ -47,12 +59,8 @@ def group_stats_kernel(
     p_start = s * per_prog
     p_end = tl.minimum(p_start + per_prog, P)
     for p0 in range(p_start, p_end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < p_end
         for ci in range(0, CG, BLOCK_C):
-            c = c0 + ci + tl.arange(0, BLOCK_C)
-            m = p_ok[:, None] & (c < c0 + CG)[None, :]
-            x = tl.load(_tile_offsets(x_ptr, bb, c, p, W, sb, sc, sh, sw), mask=m, other=0.0).to(tl.float32)
+            x, p, c, m = _load_tile(x_ptr, bb, c0, ci, p0, p_end, W, sb, sc, sh, sw, CG, BLOCK_P, BLOCK_C)
             tn = tl.sum(m.to(tl.float32))
             tmean = tl.sum(x) / tn
             d = tl.where(m, x - tmean, 0.0)
@@ -107,13 +115,10 @@ def group_apply_kernel(
     p_start = s * per_prog
     p_end = tl.minimum(p_start + per_prog, P)
     for p0 in range(p_start, p_end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < p_end
         for ci in range(0, CG, BLOCK_C):
-            c = c0 + ci + tl.arange(0, BLOCK_C)
+            x, p, c, m = _load_tile(x_ptr, bb, c0, ci, p0, p_end, W, sb, sc, sh, sw, CG, BLOCK_P, BLOCK_C)
+            p_ok = p < p_end
             c_ok = c < c0 + CG
-            m = p_ok[:, None] & c_ok[None, :]
-            x = tl.load(_tile_offsets(x_ptr, bb, c, p, W, sb, sc, sh, sw), mask=m, other=0.0).to(tl.float32)
             y = (x - mean) * rstd
             if AFFINE:
                 wt = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)

@@ -19,22 +19,27 @@ def _kernels():
     return codebook
 
 
-def _new_like(x: Tensor) -> Tensor:
-    """An empty output laid out as F.group_norm lays out its own: x's strides when x is dense in
-    its memory format (channels_last for a 4-D channels_last x, contiguous otherwise), else
-    fresh strides in that format. The layers after a norm then see the layout they see in
-    diffusers, which matters: matmuls and convolutions round by layout."""
+def _norm_strides(x: Tensor) -> tuple[int, ...]:
+    """The strides F.group_norm gives its output: x's own when x is dense in its memory format
+    (channels_last for a 4-D channels_last x, contiguous otherwise), else fresh ones in that
+    format. The layers after a norm then see the layout they see in diffusers, which matters:
+    matmuls and convolutions round by layout."""
     channels_last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if x.is_contiguous(memory_format=fmt):
-        return torch.empty_like(x)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        return x.stride()
+    return torch.empty(x.shape, device="meta", memory_format=fmt).stride()  # no memory
+
+
+def _new_like(x: Tensor) -> Tensor:
+    """An empty norm output for x, laid out as _norm_strides says."""
+    return torch.empty_strided(x.shape, _norm_strides(x), dtype=x.dtype, device=x.device)
 
 
 def _in_layout_of(out: Tensor, x: Tensor) -> Tensor:
-    """out in the layout _new_like(x) has (what the fakes promise torch.compile)."""
-    like = _new_like(x)
-    return out if out.stride() == like.stride() else like.copy_(out)
+    """out in the layout _new_like(x) has (what the fakes promise torch.compile); a copy only
+    when the eager op laid it out otherwise."""
+    return out if out.stride() == _norm_strides(x) else _new_like(x).copy_(out)
 
 
 @torch.library.custom_op("vqfast::nearest_code", mutates_args=())
