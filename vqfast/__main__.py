@@ -1,61 +1,40 @@
-"""``python -m vqfast demo``: the Kandinsky 2.2 MoVQ architecture, image -> tokens -> image."""
+"""The ``vqfast`` command (also ``python -m vqfast``).
+
+Each subcommand lives in its own module, which exposes ``register(subparsers, name)``: it adds
+the parser for command ``name`` and sets ``run`` (a function taking the parsed arguments). Modules are imported only
+for the command that runs, so ``vqfast bench`` never needs Pillow and ``vqfast demo`` never
+needs pytest.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from importlib import resources
+import importlib
+import sys
 
-import torch
-
-from . import VQModel, reference
-
-
-def _config(name: str) -> dict:
-    return json.loads(resources.files("vqfast").joinpath("configs", f"{name}.json").read_text())
-
-
-def demo(size: int, seed: int) -> None:
-    torch.manual_seed(seed)
-    config = _config("kandinsky-2-2-movq")
-    model = VQModel.from_config(config).eval()
-    with torch.no_grad():
-        model.quantize.embedding.weight.normal_()  # spread like a trained codebook
-    params = sum(p.numel() for p in model.parameters())
-    print(f"vqfast {__import__('vqfast').__version__}, torch {torch.__version__}, device cpu")
-    print(f"model: Kandinsky 2.2 MoVQ architecture, {params / 1e6:.1f} M parameters, random weights "
-          f"(no checkpoint is downloaded); K={config['num_vq_embeddings']}, D={config['vq_embed_dim']}")
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    image = torch.stack([xx, yy, torch.sin(6 * xx * yy)])[None]
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        latents = model.encode(image).latents
-        t1 = time.perf_counter()
-        _, _, (_, _, tokens) = model.quantize(latents)
-        t2 = time.perf_counter()
-        sample = model.decode(latents).sample
-        t3 = time.perf_counter()
-    grid = tuple(latents.shape[-2:])
-    n, k = tokens.numel(), config["num_vq_embeddings"]
-    print(f"image {tuple(image.shape)} -> latents {tuple(latents.shape)} -> {grid[0]}x{grid[1]} tokens "
-          f"({tokens.unique().numel()} distinct codes) -> image {tuple(sample.shape)}")
-    print(f"encode {t1 - t0:.2f} s, codebook search {1e3 * (t2 - t1):.1f} ms, decode {t3 - t2:.2f} s")
-    full = n * k * 4
-    print(f"codebook search scratch: at most {min(full, reference.tile_bytes(config['vq_embed_dim'])) / 2**20:.1f} MiB "
-          f"(the full {n} x {k} distance matrix would be {full / 2**20:.1f} MiB)")
+#: command -> (module that implements it, one-line help)
+COMMANDS = {
+    "demo": ("vqfast.demo", "encode and decode a bundled image with the embedded model"),
+    "encode": ("vqfast.tokens", "turn images (files or folders) into token ids"),
+    "decode": ("vqfast.tokens", "turn a token file back into images"),
+    "train": ("vqfast.train", "train the small embedded demo model (seeded, CPU)"),
+    "bench": ("vqfast.bench", "time vqfast against diffusers; markdown table + JSON"),
+}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vqfast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="encode and decode one image with the MoVQ architecture")
-    d.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    d.add_argument("--seed", type=int, default=0)
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="vqfast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(module).register(sub, name)
+        else:  # listed in --help without importing its module
+            sub.add_parser(name, help=help_text, add_help=False)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo(args.size, args.seed)
+    return args.run(args) or 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
