@@ -1,0 +1,57 @@
+"""vqfast encode / decode under torchrun: two CPU processes (gloo) give what one process gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+from test_tokens import decode, encode, make_images, make_model, one_thread  # noqa: F401 (autouse fixture)
+
+from vqfast import sharding, tokenfile
+
+
+def torchrun(*args, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "vqfast", *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_shards_cover_every_item_once():
+    items = list(range(11))
+    shards = [sharding.shard(items, SimpleNamespace(rank=r, world=3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == items and shards[0] == [0, 3, 6, 9]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    folder = tmp_path / "images"
+    names = make_images(folder, 7)  # odd: the ranks get 4 and 3
+    (folder / "broken.png").write_bytes(b"garbage")
+    model = make_model(tmp_path / "model")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert encode(folder, "--model", model, "-o", one / "t.safetensors", "--batch-size", 2) == 0
+    assert decode(one / "t.safetensors", "--model", model, "-o", one / "png", "--batch-size", 2) == 0
+
+    run = torchrun("encode", folder, "--model", model, "-o", two / "t.safetensors", "--batch-size", 2, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("batch size 2:") == 1  # printed by rank 0 only
+    assert run.stderr.count("skipped 'broken.png'") == 1  # by the rank that read it
+    assert (two / "t.safetensors").read_bytes() == (one / "t.safetensors").read_bytes()
+    manifest = {k: json.loads((d / "t.manifest.json").read_text()) for k, d in (("one", one), ("two", two))}
+    assert manifest["two"]["world_size"] == 2
+    assert manifest["two"]["rows"] == manifest["one"]["rows"] == {n: i for i, n in enumerate(names)}
+    assert manifest["two"]["skipped"] == manifest["one"]["skipped"] and list(manifest["two"]["skipped"]) == ["broken.png"]
+    assert not tokenfile.parts_folder(two / "t.safetensors").exists()
+
+    run = torchrun("decode", two / "t.safetensors", "--model", model, "-o", two / "png", "--batch-size", 2, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    pngs = {d: sorted(p.relative_to(d / "png").as_posix() for p in (d / "png").rglob("*.png")) for d in (one, two)}
+    assert pngs[two] == pngs[one] == names  # nothing missing, nothing twice
+    for name in names:
+        assert (two / "png" / name).read_bytes() == (one / "png" / name).read_bytes(), name
+    decoded = json.loads((two / "png" / "manifest.json").read_text())
+    assert (decoded["world_size"], decoded["written"], decoded["images"]) == (2, 7, 7)

@@ -1,0 +1,363 @@
+"""vqfast encode / decode on a handful of tiny images: round trip, memory budget, resume, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import vqfast
+from vqfast import budget, tokenfile, tokens
+from vqfast.__main__ import main
+
+TINY = dict(
+    block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1,
+    latent_channels=4, num_vq_embeddings=64,
+)
+# Both token-id decode branches: codebook rows to the decoder, and ids to decode() itself
+# (lookup_from_codebook, as aMUSEd).
+VARIANTS = {"group": {}, "lookup": dict(lookup_from_codebook=True)}
+
+
+def make_model(folder: Path, variant: str = "group") -> Path:
+    torch.manual_seed(0)
+    model = vqfast.VQModel.from_config({**TINY, **VARIANTS[variant]})
+    with torch.no_grad():
+        model.quantize.embedding.weight.normal_()  # spread like a trained codebook: many distinct ids
+    model.save_pretrained(folder)
+    return folder
+
+
+def save_image(path: Path, size: tuple[int, int] = (16, 16), seed: int = 0) -> Path:
+    w, h = size
+    pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.frombytes("RGB", (w, h), bytes(pixels.untyped_storage())).save(path)
+    return path
+
+
+def make_images(folder: Path, n: int = 6) -> list[str]:
+    """n 16x16 PNGs, half of them in a subfolder; their names, sorted."""
+    names = [f"{'sub/' if i % 2 else ''}img{i}.png" for i in range(n)]
+    for i, name in enumerate(names):
+        save_image(folder / name, seed=i)
+    return sorted(names)
+
+
+def pixels_of(path: Path) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1], as the command reads an image."""
+    image = Image.open(path).convert("RGB")
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def png_of(path: Path) -> torch.Tensor:
+    image = Image.open(path)
+    assert image.mode == "RGB"
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation (100x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def data(tmp_path) -> tuple[Path, list[str]]:
+    folder = tmp_path / "images"
+    return folder, make_images(folder)
+
+
+def encode(*args) -> int:
+    return main(["encode", *map(str, args)])
+
+
+def decode(*args) -> int:
+    return main(["decode", *map(str, args)])
+
+
+# -------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_round_trip_equals_the_model(tmp_path, data, variant, capsys):
+    folder, names = data
+    model_folder = make_model(tmp_path / "model", variant)
+    out = tmp_path / "tokens.safetensors"
+    assert encode(folder, "--model", model_folder, "-o", out) == 0
+    assert re.search(r"^batch size \d+: --max-memory 2\.0 GiB", capsys.readouterr().out, re.M)
+
+    model = vqfast.VQModel.from_pretrained(model_folder)
+    x = torch.stack([pixels_of(folder / n) for n in names])
+    with torch.no_grad():
+        latents = model.encode(x).latents
+        expected = model.quantize(latents)[2][2].view(len(names), 8, 8)
+    ids = load_file(out)["tokens"]
+    assert ids.dtype == torch.int16 and ids.shape == (6, 8, 8)
+    assert torch.equal(ids.long(), expected)
+    meta = tokenfile.read_metadata(out)
+    assert json.loads(meta["names"]) == names
+    assert (meta["num_vq_embeddings"], json.loads(meta["grid"])) == ("64", [8, 8])
+    assert meta["vqfast_version"] == vqfast.__version__
+    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    assert manifest["rows"] == {n: i for i, n in enumerate(names)} and manifest["skipped"] == {}
+    assert not tokenfile.parts_folder(out).exists()
+
+    assert decode(out, "--model", model_folder, "-o", tmp_path / "decoded") == 0
+    with torch.no_grad():
+        if variant == "lookup":
+            sample = model.decode(expected, force_not_quantize=True, shape=(6, 8, 8, 4)).sample
+        else:
+            sample = model.decode(latents).sample  # quantizes, then decodes
+    want = ((sample / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    for i, name in enumerate(names):
+        assert torch.equal(png_of(tmp_path / "decoded" / name), want[i]), name
+    manifest = json.loads((tmp_path / "decoded" / "manifest.json").read_text())
+    assert manifest["outputs"] == {n: n for n in names} and manifest["written"] == 6
+
+
+def test_names_and_resize(tmp_path, model_dir):
+    """Files and folders mix; --size resizes and centre-crops any size; the same file twice counts once."""
+    save_image(tmp_path / "a" / "x.jpg", size=(40, 24))
+    save_image(tmp_path / "b.PNG", size=(17, 31))
+    out = tmp_path / "t.safetensors"
+    assert encode(tmp_path / "a", tmp_path / "b.PNG", tmp_path / "a" / "x.jpg", "--size", 8,
+                  "--model", model_dir, "-o", out) == 0
+    assert json.loads(tokenfile.read_metadata(out)["names"]) == ["b.PNG", "x.jpg"]
+    assert load_file(out)["tokens"].shape == (2, 4, 4)
+
+
+# -------------------------------------------------------------------- memory budget
+
+
+def test_budget_bounds_the_batch_size(tmp_path, data, model_dir, monkeypatch, capsys):
+    folder, _ = data
+    per_image = budget.estimate_per_image(vqfast.VQModel.from_pretrained(model_dir).config, 16, 16, torch.float32, "encode")
+    assert per_image == 16 * 16 * 4 * 1024  # the floor: these layers are narrow
+    seen = []
+    real = tokens.encode_ids
+    monkeypatch.setattr(tokens, "encode_ids", lambda m, x: seen.append(x.shape[0]) or real(m, x))
+    runs = {}
+    cases = [("1MiB", [], 1, 1), ("2.5MiB", [], 2, 2), ("1GiB", [], 256, 6), ("1GiB", ["--batch-size", 4], 4, 4)]
+    for i, (limit, more, size, largest) in enumerate(cases):
+        out = tmp_path / f"{i}.safetensors"
+        seen.clear()
+        assert encode(folder, "--model", model_dir, "-o", out, "--max-memory", limit, *more) == 0
+        assert f"batch size {size}:" in capsys.readouterr().out
+        assert max(seen) == largest and sum(seen) == 6
+        runs[i] = out.read_bytes()
+    assert len(set(runs.values())) == 1  # the batch size does not change the tokens
+
+
+def test_batch_size_formula_and_sizes():
+    assert budget.batch_size(10, 100) == 1  # never below one image
+    assert budget.batch_size(1000, 100) == 10
+    assert budget.batch_size(10**9, 100) == budget.DEFAULT_MAX_BATCH
+    assert budget.batch_size(10**9, 100, cap=3) == 3
+    assert budget.parse_size("2GiB") == 2 * 2**30 and budget.parse_size("512MiB") == 512 * 2**20
+    assert budget.parse_size("1.5G") == 3 * 2**29 and budget.parse_size("3kb") == 3000
+    assert budget.parse_size("123") == 123
+    for bad in ("0", "-1", "lots", "2XB"):
+        with pytest.raises(ValueError, match="--max-memory must be a positive size"):
+            budget.parse_size(bad)
+
+
+def _peak_bytes(fn) -> int:
+    """Most bytes of tensors alive at once while fn runs (CPU allocator events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    alive = peak = 0
+    for e in events:
+        alive += e.nbytes()
+        peak = max(peak, alive)
+    return peak
+
+
+def test_memory_grows_with_the_batch_and_stays_under_the_estimate(model_dir):
+    model = vqfast.VQModel.from_pretrained(model_dir)
+    size = 32
+    per_image = {c: budget.estimate_per_image(model.config, size, size, model.dtype, c) for c in ("encode", "decode")}
+    peaks = {}
+    for b in (1, 4):
+        x = torch.rand(b, 3, size, size) * 2 - 1
+        ids = torch.randint(0, 64, (b, size // 2, size // 2))
+        peaks[b] = (_peak_bytes(lambda: tokens.encode_ids(model, x)), _peak_bytes(lambda: tokens.decode_ids(model, ids)))
+        assert peaks[b][0] <= b * per_image["encode"] and peaks[b][1] <= b * per_image["decode"]
+    assert peaks[4][0] > peaks[1][0] and peaks[4][1] > peaks[1][1]
+
+
+# -------------------------------------------------------------------- resume
+
+
+def test_interrupted_encode_resumes_to_the_same_file(tmp_path, data, model_dir, monkeypatch):
+    folder, names = data
+    whole = tmp_path / "whole.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", whole, "--batch-size", 2) == 0
+
+    out = tmp_path / "resumed.safetensors"
+    real_write, writes = tokenfile.write, []
+
+    def write_then_stop(path, *args):
+        if writes:  # the second batch: stop as a Ctrl-C would
+            raise KeyboardInterrupt
+        writes.append(path)
+        real_write(path, *args)
+
+    monkeypatch.setattr(tokenfile, "write", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        encode(folder, "--model", model_dir, "-o", out, "--batch-size", 2)
+    parts = tokenfile.list_parts(tokenfile.parts_folder(out))
+    assert parts == writes and not out.exists()
+    assert [p.name for p in tokenfile.parts_folder(out).iterdir()] == [parts[0].name]  # no torn temporary
+
+    monkeypatch.setattr(tokenfile, "write", real_write)
+    seen, real = [], tokens.encode_ids
+    monkeypatch.setattr(tokens, "encode_ids", lambda m, x: seen.append(x.shape[0]) or real(m, x))
+    assert encode(folder, "--model", model_dir, "-o", out, "--batch-size", 2) == 0
+    assert sum(seen) == 4  # the two images of the finished part are not encoded again
+    assert out.read_bytes() == whole.read_bytes()
+    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    assert manifest["from_earlier_runs"] == 2 and manifest["rows"] == {n: i for i, n in enumerate(names)}
+
+    seen.clear()  # a finished run: nothing to do, the output stays the same
+    assert encode(folder, "--model", model_dir, "-o", out, "--batch-size", 2) == 0
+    assert seen == [] and out.read_bytes() == whole.read_bytes()
+
+
+def test_decode_skips_finished_images(tmp_path, data, model_dir, monkeypatch):
+    folder, names = data
+    out = tmp_path / "t.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", out) == 0
+    assert decode(out, "--model", model_dir, "-o", tmp_path / "dec", "--batch-size", 4) == 0
+    before = {n: (tmp_path / "dec" / n).read_bytes() for n in names}
+    for n in names[:2]:
+        (tmp_path / "dec" / n).unlink()  # as if the run had stopped before writing them
+    seen, real = [], tokens.decode_ids
+    monkeypatch.setattr(tokens, "decode_ids", lambda m, ids: seen.append(ids.shape[0]) or real(m, ids))
+    assert decode(out, "--model", model_dir, "-o", tmp_path / "dec", "--batch-size", 4) == 0
+    assert seen == [2]
+    assert {n: (tmp_path / "dec" / n).read_bytes() for n in names} == before
+    manifest = json.loads((tmp_path / "dec" / "manifest.json").read_text())
+    assert (manifest["written"], manifest["already_present"]) == (2, 4)
+
+
+# -------------------------------------------------------------------- bad inputs
+
+
+def test_unreadable_and_odd_sized_images_are_skipped_by_name(tmp_path, data, model_dir, capsys):
+    folder, names = data
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "notes.jpg").write_text("hello")
+    save_image(folder / "wide.png", size=(24, 16))
+    out = tmp_path / "t.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", out) == 0
+    err = capsys.readouterr().err
+    for name in ("broken.png", "notes.jpg", "wide.png"):
+        assert f"skipped {name!r}" in err
+    assert "is 24x16, the run's images are 16x16" in err
+    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    assert sorted(manifest["skipped"]) == ["broken.png", "notes.jpg", "wide.png"]
+    assert "not a readable image" in manifest["skipped"]["broken.png"]
+    assert json.loads(tokenfile.read_metadata(out)["names"]) == names == list(manifest["rows"])
+    assert encode(folder, "--model", model_dir, "-o", tmp_path / "s.safetensors", "--strict") == 1
+
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"garbage")
+    assert encode(only_bad, "--model", model_dir, "-o", tmp_path / "n.safetensors") == 1
+    assert "none of the 1 images could be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size", "7"], "--size must be a positive multiple of 2 (the model's downsampling factor), got 7"),
+        (["--dtype", "float16", "--device", "cpu"], "--dtype float16 needs a CUDA device"),
+        (["--max-memory", "lots"], "--max-memory must be a positive size"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ],
+)
+def test_bad_arguments_are_refused(tmp_path, data, model_dir, capsys, args, message):
+    folder, _ = data
+    out = tmp_path / "t.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", out, *args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_inputs_are_refused(tmp_path, model_dir, capsys):
+    odd = save_image(tmp_path / "odd" / "odd.png", size=(15, 16))
+    assert encode(odd.parent, "--model", model_dir, "-o", tmp_path / "t.safetensors") == 2
+    assert "image 'odd.png'" in capsys.readouterr().err
+    assert encode(tmp_path / "missing", "--model", model_dir, "-o", tmp_path / "t.safetensors") == 2
+    assert "is neither an image file nor a folder" in capsys.readouterr().err
+    save_image(tmp_path / "twins" / "a.png")
+    save_image(tmp_path / "twins" / "a.jpg")
+    assert encode(tmp_path / "twins", "--model", model_dir, "-o", tmp_path / "t.safetensors") == 2
+    assert "would both be decoded to 'a.png'" in capsys.readouterr().err
+    assert encode(odd, "--model", tmp_path / "nowhere", "-o", tmp_path / "t.safetensors") == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_output_of_another_run_is_refused(tmp_path, data, model_dir, capsys):
+    folder, _ = data
+    out = tmp_path / "t.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", out) == 0
+    before = out.read_bytes()
+    assert encode(folder, "--model", model_dir, "-o", out, "--size", 8) == 2
+    err = capsys.readouterr().err
+    assert "holds tokens of another run" in err and "resize 'none' (this run: '8')" in err
+    (tmp_path / "other.safetensors").write_bytes(b"not a token file")
+    assert encode(folder, "--model", model_dir, "-o", tmp_path / "other.safetensors") == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "tensors, metadata, message",
+    [
+        ({"tokens": torch.full((2, 8, 8), 64, dtype=torch.int16)}, None,
+         "holds ids from 64 to 64; this model's ids lie in [0, 64)"),
+        ({"tokens": torch.full((2, 8, 8), -1, dtype=torch.int32)}, None, "holds ids from -1 to -1"),
+        ({"tokens": torch.zeros(2, 64, dtype=torch.int16)}, None, "must be 3-D (N, h, w) with h, w >= 1, got shape (2, 64)"),
+        ({"ids": torch.zeros(2, 8, 8, dtype=torch.int16)}, None, "has no tensor 'tokens' (it holds ['ids'])"),
+        ({"tokens": torch.zeros(2, 8, 8)}, None, "must hold integer token ids, got dtype torch.float32"),
+        ({"tokens": torch.zeros(2, 8, 8, dtype=torch.int16)}, {"names": '["a.png"]'}, "must be a list of 2 strings"),
+        ({"tokens": torch.zeros(2, 8, 8, dtype=torch.int16)}, {"num_vq_embeddings": "8192"},
+         "made by a model with num_vq_embeddings=8192; this model has 64"),
+    ],
+)
+def test_bad_token_files_are_refused(tmp_path, model_dir, capsys, tensors, metadata, message):
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    assert decode(path, "--model", model_dir, "-o", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err
+    assert not (tmp_path / "out").exists()  # refused before anything is decoded or written
+
+
+def test_foreign_token_file_without_names_decodes_by_row(tmp_path, model_dir):
+    path = tmp_path / "plain.safetensors"
+    save_file({"tokens": torch.randint(0, 64, (3, 4, 5), dtype=torch.int64)}, path)
+    assert decode(path, "--model", model_dir, "-o", tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    assert png_of(tmp_path / "out" / "000000.png").shape == (8, 10, 3)

@@ -1,0 +1,29 @@
+"""Writing a file so that readers see the old file or the whole new one, never a torn one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import _atomic_write
+
+# The process's umask, read once at import (os.umask can only be read by setting it, which is not
+# safe while other threads create files).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def write_atomically(target: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(temporary_path)`` in ``target``'s folder, then rename the file to ``target``.
+
+    The temporary file gets the permissions a plain ``open(target, "w")`` would give (0666 less the
+    umask) rather than mkstemp's 0600, so that outputs are as readable as any other file.
+    """
+
+    def write_with_mode(tmp: str) -> None:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(target, write_with_mode)

@@ -1,0 +1,213 @@
+"""Token files: what ``vqfast encode`` writes and ``vqfast decode`` reads.
+
+A token file is a safetensors file holding one tensor, ``tokens``: (N, h, w) int16 (int32 when
+the codebook has more than 32768 codes), row i the token ids of image ``names[i]``, with string
+metadata:
+
+- ``format``: "vqfast.tokens/1"; ``vqfast_version``;
+- ``names``: JSON list of the N image names (relative to the inputs, see vqfast.images);
+- ``num_vq_embeddings`` (K), ``grid`` (JSON [h, w]), ``image_size`` (JSON [H, W]);
+- ``model`` (first 16 hex digits of the SHA-256 of the weights), ``dtype`` (the compute dtype),
+  ``resize`` (``--size`` or "none"): with the three above, the *key* of a run. Tokens made under
+  another key are never mixed into a file.
+
+While encoding, each rank writes its batches to ``<output>.parts/rank{r}-{i:06d}.safetensors``
+(the same format), each atomically; rank 0 merges the parts, and the rows of an earlier output,
+into the output in name order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import write_atomically
+from .images import tensor_bytes
+
+FORMAT = "vqfast.tokens/1"
+TENSOR = "tokens"
+_SAFETENSORS_DTYPES = {torch.int16: "I16", torch.int32: "I32"}
+_PART = re.compile(r"^rank(\d+)-(\d+)\.safetensors$")
+
+
+@dataclass(frozen=True)
+class Key:
+    """What must match for token rows of two runs to be interchangeable."""
+
+    model: str
+    num_vq_embeddings: int
+    grid: tuple[int, int]
+    image_size: tuple[int, int]
+    dtype: str
+    resize: str
+
+    def metadata(self) -> dict[str, str]:
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> "Key":
+        raw = {k: json.loads(meta[k]) for k in ("num_vq_embeddings", "grid", "image_size")}
+        return cls(meta["model"], int(raw["num_vq_embeddings"]), tuple(raw["grid"]), tuple(raw["image_size"]),
+                   meta["dtype"], meta["resize"])
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """First 16 hex digits of the SHA-256 of the state dict (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor_bytes(tensor.detach().cpu()))
+    return digest.hexdigest()[:16]
+
+
+def token_dtype(num_codes: int) -> torch.dtype:
+    """int16 when every id in [0, num_codes) fits, else int32."""
+    return torch.int16 if num_codes <= 2**15 else torch.int32
+
+
+def write(path: Path, tokens: torch.Tensor, names: list[str], key: Key) -> None:
+    """tokens: (N, h, w) integer ids -> a token file at ``path``, written atomically.
+
+    The safetensors layout is written here rather than by safetensors.save_file, whose header
+    lists the metadata in a different order on every call: the same tokens give the same bytes,
+    so a resumed or sharded run can be compared with ``cmp``.
+    """
+    from . import __version__
+
+    dtype = token_dtype(key.num_vq_embeddings)
+    data = tensor_bytes(tokens.to("cpu", dtype))  # native order: little-endian, as safetensors wants, on x86 and ARM
+    meta = {"format": FORMAT, "vqfast_version": __version__, "names": json.dumps(names), **key.metadata()}
+    entry = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(tokens.shape), "data_offsets": [0, len(data)]}
+    header = json.dumps({"__metadata__": meta, TENSOR: entry}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header + data)
+
+    write_atomically(path, save)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (empty when it has none); OSError naming the file when
+    it is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types
+        raise OSError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def read_key(path: Path) -> tuple[Key, list[str]]:
+    """(key, names) of a token file written by ``write``; ValueError naming the file otherwise."""
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a vqfast token file (metadata format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    try:
+        return Key.from_metadata(meta), json.loads(meta["names"])
+    except (KeyError, TypeError, ValueError) as e:  # ValueError covers bad JSON
+        raise ValueError(f"{path}: the metadata of this {FORMAT} file is incomplete or damaged ({e!r})") from e
+
+
+def read_rows(path: Path) -> tuple[torch.Tensor, list[str]]:
+    """(tokens (N, h, w), names) of a token file written by ``write``."""
+    from safetensors.torch import load_file
+
+    _, names = read_key(path)
+    return load_file(str(path))[TENSOR], names
+
+
+def parts_folder(output: Path) -> Path:
+    """Where the ranks put their batches while encoding to ``output``."""
+    return output.with_name(output.name + ".parts")
+
+
+def list_parts(folder: Path) -> list[Path]:
+    """The finished parts in ``folder`` (temporary files are hidden and not listed)."""
+    return sorted(p for p in folder.glob("rank*.safetensors") if _PART.match(p.name)) if folder.is_dir() else []
+
+
+def next_part(folder: Path, rank: int) -> Path:
+    """The next free part name of ``rank``: one past its highest number, so a resumed run never
+    writes over a finished part."""
+    numbers = [int(m.group(2)) for p in list_parts(folder) if (m := _PART.match(p.name)) and int(m.group(1)) == rank]
+    return folder / f"rank{rank}-{max(numbers, default=-1) + 1:06d}.safetensors"
+
+
+def merge(output: Path, sources: list[Path], names: list[str], key: Key) -> dict[str, int]:
+    """Write ``output`` with the rows of ``names`` found in ``sources`` (token files of ``key``), in
+    the order of ``names``; return name -> row. Rows of names not listed are left out."""
+    found: dict[str, tuple[torch.Tensor, int]] = {}
+    for source in sources:
+        tokens, source_names = read_rows(source)
+        found.update((n, (tokens, i)) for i, n in enumerate(source_names))
+    kept = [n for n in names if n in found]
+    h, w = key.grid
+    rows = torch.empty(len(kept), h, w, dtype=token_dtype(key.num_vq_embeddings))
+    for i, name in enumerate(kept):
+        tokens, row = found[name]
+        rows[i] = tokens[row]
+    write(output, rows, kept, key)
+    return {n: i for i, n in enumerate(kept)}
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON at ``path``, atomically."""
+    text = json.dumps(value, indent=2) + "\n"
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def open_for_decode(path: Path) -> tuple[torch.Tensor, list[str], dict[str, str]]:
+    """(tokens (N, h, w), names, metadata) of a token file, with its structure checked: ValueError
+    naming the file, the tensor and what was seen and expected when ``tokens`` is missing, not an
+    integer tensor or not 3-D, or ``names`` does not hold N strings. Files without vqfast metadata
+    are accepted; their images are named by row number."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"TOKENS: token file not found: {path}")
+    meta = read_metadata(path)
+    tensors = load_file(str(path))
+    if TENSOR not in tensors:
+        raise ValueError(f"{path} has no tensor {TENSOR!r} (it holds {sorted(tensors) or 'no tensors'})")
+    tokens = tensors[TENSOR]
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"{path}: tensor {TENSOR!r} must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.ndim != 3 or 0 in tokens.shape[1:]:
+        raise ValueError(f"{path}: tensor {TENSOR!r} must be 3-D (N, h, w) with h, w >= 1, "
+                         f"got shape {tuple(tokens.shape)}")
+    n = tokens.shape[0]
+    if "names" not in meta:
+        return tokens, [f"{i:06d}" for i in range(n)], meta
+    try:
+        names = json.loads(meta["names"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata 'names' is not JSON: {e}") from e
+    if not (isinstance(names, list) and len(names) == n and all(isinstance(x, str) for x in names)):
+        raise ValueError(f"{path}: metadata 'names' must be a list of {n} strings (one per row of "
+                         f"{TENSOR!r} {tuple(tokens.shape)}), got {type(names).__name__} of {len(names)}")
+    return tokens, names, meta
+
+
+def check_ids(path: Path, tokens: torch.Tensor, meta: dict[str, str], num_codes: int) -> None:
+    """ValueError naming the file when the ids do not fit a codebook of ``num_codes`` codes: an id
+    outside [0, num_codes), or metadata saying the file was made for another codebook size."""
+    made_for = meta.get("num_vq_embeddings")
+    if made_for is not None and made_for != str(num_codes):
+        raise ValueError(f"{path} was made by a model with num_vq_embeddings={made_for}; "
+                         f"this model has {num_codes}")
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= num_codes:
+            raise ValueError(f"{path}: tensor {TENSOR!r} {tuple(tokens.shape)} {tokens.dtype} holds ids from "
+                             f"{lo} to {hi}; this model's ids lie in [0, {num_codes})")
