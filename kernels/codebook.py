@@ -161,10 +161,12 @@ def _row_dims(shape: tuple[int, ...], *strides: tuple[int, ...]) -> tuple[list[i
 
 
 def nearest_code(
-    z: torch.Tensor, codebook: torch.Tensor, dim: int, write_zq: bool
+    z: torch.Tensor, codebook: torch.Tensor, dim: int, write_zq: bool, centred: tuple
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the kernel. Returns (indices shaped like z without dim, z_q like z or None,
-    the summed squared error (code - z)^2 as a 0-dim float32/float64 tensor or None)."""
+    the summed squared error (code - z)^2 as a 0-dim float32/float64 tensor or None).
+    ``centred``: (mu, codebook - mu contiguous, its squared row norms) in the accumulator dtype;
+    the caller builds it once per codebook (vqfast.reference.centred_codebook)."""
     acc = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
     D, K = codebook.shape[1], codebook.shape[0]
     zm = z.movedim(dim, -1)
@@ -175,7 +177,7 @@ def nearest_code(
     if len(sizes) > 3:
         # Rare: more than three row dims that no view can merge. Run on a contiguous copy
         # (whose rows merge into two dims), then lay z_q out like z.
-        indices, dense_q, sse = nearest_code(z.contiguous(), codebook, dim, write_zq)
+        indices, dense_q, sse = nearest_code(z.contiguous(), codebook, dim, write_zq, centred)
         return indices, z_q.copy_(dense_q) if write_zq else None, sse
     N = indices.numel()
     if N >= 2**31:
@@ -183,10 +185,7 @@ def nearest_code(
     sse = torch.zeros((), dtype=acc, device=z.device)
     if N == 0:
         return indices, z_q, sse if write_zq else None
-    book = codebook.to(acc)
-    mu = book.mean(dim=0)
-    centred = (book - mu).contiguous()
-    norms = (centred * centred).sum(dim=1)
+    mu, centred, norms = centred
     cfg = launch_config(D, K, acc)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     partial = torch.empty(grid[0], dtype=acc, device=z.device)

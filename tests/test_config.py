@@ -81,3 +81,16 @@ def test_dtype_and_device_properties():
     model = vqfast.VQModel().to(torch.float64)
     assert model.dtype == torch.float64
     assert model.device == torch.device("cpu")
+
+
+def test_model_copies_and_pickles():
+    import copy
+    import pickle
+
+    from vqfast import VQModel
+
+    model = VQModel(**CONFIGS["ldm_f4"])
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), copy.copy(model)):
+        assert clone.config == model.config and type(clone.config) is type(model.config)
+        for (k, a), b in zip(model.state_dict().items(), clone.state_dict().values()):
+            assert torch.equal(a, b), k

@@ -1,10 +1,14 @@
 """vqfast.patch / unpatch on a live diffusers VQModel."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import images, make_pair, rel_err
 
 import vqfast
+
+_FORWARDS = importlib.import_module("vqfast.patch")._FORWARDS  # the module, not the function
 
 
 def test_patch_accelerates_in_place_and_unpatch_restores(config_name):
@@ -16,6 +20,9 @@ def test_patch_accelerates_in_place_and_unpatch_restores(config_name):
     assert vqfast.patch(theirs) is theirs
     patched = [m for m in theirs.modules() if "forward" in vars(m)]
     assert len(patched) >= 10
+    # every module of a kind vqfast covers is patched (Upsample2D, Attention, ... when present)
+    covered = [m for m in theirs.modules() if type(m).__name__ in _FORWARDS]
+    assert covered == patched
     with torch.no_grad():
         out = theirs(x)
     assert rel_err(out.sample, ref.sample) <= 1e-5

@@ -22,6 +22,10 @@ class FrozenConfig(dict):
     __setattr__ = __setitem__ = __delitem__ = _refuse
     update = pop = popitem = setdefault = clear = _refuse
 
+    def __reduce__(self):
+        # copy, deepcopy and pickle rebuild through the constructor, not by item assignment.
+        return (type(self), (dict(self),))
+
 
 def init_args_from_config(init: Callable, config: dict[str, Any], cls_name: str) -> dict[str, Any]:
     """The constructor arguments in ``config``.

@@ -247,6 +247,9 @@ def _check_token_ids(ids: Any, shape: Any, num_codes: int, dim: int) -> None:
             f"(h has shape {tuple(ids.shape)}), got shape={shape}"
         )
     if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= num_codes:
+        # The one host sync of a token-id decode: ids outside the codebook would otherwise
+        # fail later as an opaque index error (a device-side assert on GPU).
+        lo, hi = torch.aminmax(ids)
+        if ((lo < 0) | (hi >= num_codes)).item():
+            lo, hi = int(lo), int(hi)
             raise ValueError(f"token ids in h must lie in [0, {num_codes}), got values from {lo} to {hi}")

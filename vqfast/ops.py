@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .derived import derived
 
 
 def _kernels():
@@ -42,11 +43,16 @@ def _in_layout_of(out: Tensor, x: Tensor) -> Tensor:
     return out if out.stride() == _norm_strides(x) else _new_like(x).copy_(out)
 
 
+def _centred(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The centred codebook both search paths rank with, built once per codebook state."""
+    return derived(reference.centred_codebook, codebook, reference.accumulator(z, codebook))
+
+
 @torch.library.custom_op("vqfast::nearest_code", mutates_args=())
 def nearest_code(z: Tensor, codebook: Tensor, dim: int, use_triton: bool) -> Tensor:
     if use_triton:
-        return _kernels().nearest_code(z, codebook, dim, write_zq=False)[0]
-    return reference.nearest_code(z, codebook, dim)
+        return _kernels().nearest_code(z, codebook, dim, write_zq=False, centred=_centred(z, codebook))[0]
+    return reference.nearest_code(z, codebook, dim, centred=_centred(z, codebook))
 
 
 @nearest_code.register_fake
@@ -61,9 +67,9 @@ def quantize(
     """(z_q, indices, loss): z_q the nearest codes laid out like z, loss
     (z_weight + code_weight) * mean((code - z)^2) in z's dtype."""
     if use_triton:
-        indices, z_q, sse = _kernels().nearest_code(z, codebook, dim, write_zq=True)
+        indices, z_q, sse = _kernels().nearest_code(z, codebook, dim, write_zq=True, centred=_centred(z, codebook))
     else:
-        indices, z_q, sse = reference.quantize(z, codebook, dim)
+        indices, z_q, sse = reference.quantize(z, codebook, dim, centred=_centred(z, codebook))
     loss = (sse * (z_weight + code_weight) / z.numel()).to(z.dtype)  # 0/0 = NaN for an empty z
     return z_q, indices, loss
 

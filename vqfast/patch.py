@@ -12,8 +12,15 @@ import types
 
 from torch import nn
 
-from .layers import Attention, ResnetBlock2D, SpatialNorm
+from .layers import Attention, ResnetBlock2D, SpatialNorm, Upsample2D
 from .quantizer import VectorQuantizer
+
+
+def _upsample_forward(self: nn.Module, hidden_states, output_size=None, *args, **kwargs):
+    """diffusers' Upsample2D signature; the folded transposed convolution for the 2x case."""
+    if output_size is not None:  # an explicit size: not a plain 2x upsample
+        return type(self).forward(self, hidden_states, output_size, *args, **kwargs)
+    return Upsample2D.forward(self, hidden_states)
 
 # diffusers class name -> the vqfast forward that replaces its own
 _FORWARDS = {
@@ -22,6 +29,7 @@ _FORWARDS = {
     "SpatialNorm": SpatialNorm.forward,
     "Attention": Attention.forward,
     "VectorQuantizer": VectorQuantizer.forward,
+    "Upsample2D": _upsample_forward,
 }
 _MARK = "_vqfast_patched"
 
@@ -39,12 +47,17 @@ def _supported(module: nn.Module) -> bool:
             and module.residual_connection and module.rescale_output_factor == 1.0
     if name == "VectorQuantizer":
         return module.remap is None
+    if name == "Upsample2D":  # nearest 2x, then the 3x3 "conv" with padding 1
+        conv = getattr(module, "conv", None)
+        return module.use_conv and not module.use_conv_transpose and module.interpolate and module.norm is None \
+            and module.name == "conv" and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) \
+            and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
     return name in _FORWARDS
 
 
 def patch(model: nn.Module) -> nn.Module:
     """Make a live diffusers VQModel run vqfast's ops: fused GroupNorm+SiLU and SpatialNorm, the
-    exact memory-safe codebook search. Returns the same model. Modules vqfast does not cover
+    exact memory-safe codebook search, the folded upsample+convolution. Returns the same model. Modules vqfast does not cover
     keep diffusers' code; a module patched already is left as it is."""
     if type(model).__name__ != "VQModel" or not type(model).__module__.startswith("diffusers."):
         raise TypeError(
