@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 # would pull a multi-GB CUDA build. An already installed torch (any build) is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test demo test bench
+.PHONY: install install-test demo test bench bench-pytest
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -22,8 +22,14 @@ demo: install
 test: install-test
 	$(PYTHON) -m pytest tests
 
-# Writes pytest-benchmark's JSON (machine, versions, date, every case) under bench/results/.
+# `vqfast bench` (this device's default subset) writes its JSON to bench/results/, then the
+# README's table is regenerated from every committed result. bench-pytest runs the
+# pytest-benchmark suites (per-op and whole-model grids) instead.
 bench: install-test
+	$(PYTHON) -m vqfast bench
+	$(PYTHON) bench/table.py
+
+bench-pytest: install-test
 	mkdir -p bench/results
 	$(PYTHON) -m pytest bench --benchmark-only --benchmark-columns=mean,min,max,rounds \
-		--benchmark-json=bench/results/bench-$$(date +%Y-%m-%d)-$$($(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json
+		--benchmark-json=bench/results/pytest-bench-$$(date +%Y-%m-%d)-$$($(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json

@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (torch and triton present, no network, maybe no diffusers):
-#   1. the kernel tests, compiled for the GPU (TRITON_INTERPRET=0), on CUDA tensors;
-#   2. the GPU benchmarks: the codebook kernel against vqfast's eager path, argmin(cdist) and,
-#      when installed, diffusers, with peak memory; the norm kernels against eager PyTorch and
-#      torch.compile of it, with GB/s.
-# Everything goes under $OUT (default bench/results/gpu-DATE): logs, pytest-benchmark JSON, the
-# card's name. Budget: under 8 minutes; each step has its own timeout so a hang cannot eat the rest.
-# Dry run on a CPU machine: the same steps run on CPU (the kernel tests in the interpreter).
+#   1. the kernel and model-layout tests, compiled for the GPU (TRITON_INTERPRET=0), on CUDA;
+#   2. `vqfast bench` on the GPU: the ops (codebook search, GroupNorm+SiLU, SpatialNorm), the
+#      target case (Kandinsky 2.2 MoVQ decode, 512x512, batch 8, fp16) against diffusers eager,
+#      torch.compile of diffusers and vqfast's eager path, then the model grid.
+# Baselines: diffusers when it imports. The GPU machine has no network: put diffusers' wheels in
+# bench/wheels/ (`pip download diffusers -d bench/wheels` on a connected machine with the GPU
+# machine's Python version) and carry that folder; they are installed offline here. Without them the baseline is vqfast's own eager path, and the JSON
+# says so (its versions list no diffusers).
+# Everything goes under $OUT (default bench/results/gpu-DATE): logs, JSON, the card's name.
+# Budget: under 8 minutes; each step has its own timeout so a hang cannot eat the rest.
+# Dry run on a CPU machine (QUICK=1 shrinks the cases): the same steps, kernels interpreted.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-$(date +%F)}
 mkdir -p "$OUT"
+
+if ls bench/wheels/*.whl >/dev/null 2>&1 && ! python -c "import diffusers" 2>/dev/null; then
+  python -m pip install -q --no-index --find-links bench/wheels diffusers > "$OUT/wheels.log" 2>&1 \
+    || echo "diffusers wheels did not install (see wheels.log): eager baseline only"
+fi
 
 # vqfast without pip (no network for build dependencies): vqfast/ plus kernels/ as vqfast.kernels.
 STAGE=$(mktemp -d)
@@ -21,27 +30,38 @@ export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=0
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.csv" 2>&1
+  DEVICE_ARGS=()
 else
   export TRITON_INTERPRET=1
   echo "no GPU: dry run on CPU (kernels in the interpreter)" > "$OUT/gpu.csv"
+  DEVICE_ARGS=(--device cpu)
 fi
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" > "$OUT/versions.txt" 2>&1
 
 status=0
-timeout 240 python -m pytest -q -p no:cacheprovider tests/test_codebook.py tests/test_norms.py tests/test_dispatch.py \
-  > "$OUT/kernel-tests.log" 2>&1 || status=1
-tail -n 3 "$OUT/kernel-tests.log"
+step() {  # step NAME TIMEOUT COMMAND...: run, log to $OUT/NAME.log, show the tail
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1 || { status=1; echo "$name failed or timed out"; }
+  tail -n 3 "$OUT/$name.log"
+}
 
-BENCH_FILTER=${BENCH_FILTER:-}  # e.g. "movq" for a shorter dry run
-timeout 300 python -m pytest -q -p no:cacheprovider bench/test_bench_codebook.py --benchmark-only \
-  ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-columns=mean,min,max,rounds \
-  --benchmark-json="$OUT/bench-codebook.json" > "$OUT/bench-codebook.log" 2>&1 || status=1
-tail -n 3 "$OUT/bench-codebook.log"
+TESTS=(tests/test_codebook.py tests/test_norms.py tests/test_dispatch.py tests/test_layout.py)
+[ -n "${QUICK:-}" ] && TESTS=(tests/test_dispatch.py)
+step kernel-tests 200 python -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 
-timeout 180 python -m pytest -q -p no:cacheprovider bench/test_bench_norms.py --benchmark-only \
-  ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-columns=mean,min,max,rounds \
-  --benchmark-json="$OUT/bench-norms.json" > "$OUT/bench-norms.log" 2>&1 || status=1
-tail -n 3 "$OUT/bench-norms.log"
+if [ -n "${QUICK:-}" ]; then  # a dry run: smallest cases, to prove the plumbing
+  step bench-ops 120 python -m vqfast bench "${DEVICE_ARGS[@]}" --kinds group_norm --repeat 1 --out "$OUT/ops"
+  step bench-target 240 python -m vqfast bench "${DEVICE_ARGS[@]}" --kinds decode --models ldm_f4 --batch 1 \
+    --size 64 --dtype float32 --repeat 1 --out "$OUT/target"
+else
+  step bench-ops 60 python -m vqfast bench "${DEVICE_ARGS[@]}" --kinds quantize spatial_norm group_norm \
+    --codebooks movq amused vqgan_f16 --batch 16 --size 512 --dtype float32 float16 --out "$OUT/ops"
+  step bench-target 150 python -m vqfast bench "${DEVICE_ARGS[@]}" --kinds decode --models movq --batch 8 \
+    --size 512 --dtype float16 --layout nchw channels_last --compile --out "$OUT/target"
+  step bench-grid 150 python -m vqfast bench "${DEVICE_ARGS[@]}" --kinds decode encode --batch 1 8 \
+    --size 256 512 --dtype float16 --repeat 5 --warmup 2 --out "$OUT/grid"
+fi
 
 rm -rf "$STAGE"
 echo "results in $OUT (status $status)"

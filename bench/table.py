@@ -1,9 +1,10 @@
-"""Regenerate the README's benchmark table from the committed results in bench/results/.
+"""Regenerate the README's benchmark table from the committed ``vqfast bench`` results.
 
     python bench/table.py          # rewrites the block between the bench markers in README.md
 
-Each row: the case, the machine it ran on, vqfast's mean time and each baseline's, the speed-up,
-and the peak memory each added. Nothing in the table is typed by hand.
+Reads every bench/results/**/vqfast-bench-*.json. Each row: the case, the machine it ran on,
+vqfast's median time and the baseline's, the speed-up, the peak memory each added, and the date.
+Nothing in the table is typed by hand.
 """
 
 import json
@@ -12,39 +13,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-
-
-def machine(run: dict, row: dict) -> str:
-    if row["extra_info"].get("gpu"):
-        return row["extra_info"]["gpu"]
-    cpu = run["machine_info"].get("cpu", {})
-    return f"{cpu.get('brand_raw', 'CPU')}, {cpu.get('count', '?')} cores"
+#: Row order: whole-model cases first (what users run), then the ops.
+KIND_ORDER = ["decode", "encode", "quantize", "spatial_norm", "group_norm"]
 
 
 def rows() -> list[str]:
-    out = []
-    for file in sorted((ROOT / "bench" / "results").glob("bench-*.json")):
+    found = []
+    for file in sorted((ROOT / "bench" / "results").rglob("vqfast-bench-*.json")):
         run = json.loads(file.read_text())
-        date = run["datetime"][:10]
-        groups: dict = {}
-        for b in run["benchmarks"]:
-            groups.setdefault(b["group"], {})[b["params"]["impl"]] = b
-        for group, impls in sorted(groups.items()):
-            ours = impls.get("vqfast")
-            if ours is None:
-                continue
-            t = ours["stats"]["mean"]
-            for name, b in impls.items():
-                if name == "vqfast":
+        for r in run["results"]:
+            case = r["case"]
+            for name, b in r["baselines"].items():
+                if "error" in b:
                     continue
-                bt = b["stats"]["mean"]
-                peaks = [x["extra_info"].get("peak_mib") for x in (ours, b)]
-                peak = "n/a" if None in peaks else f"{peaks[0]:.0f} / {peaks[1]:.0f} MiB"
-                out.append(
-                    f"| {group} | {machine(run, ours)} | {t * 1e3:.1f} ms | {name} {bt * 1e3:.1f} ms | "
-                    f"{bt / t:.2f}x | {peak} | {date} |"
-                )
-    return out
+                ours = r["vqfast"]
+                key = (KIND_ORDER.index(case["kind"]), case["name"], case["batch"], case["size"], case["dtype"], name)
+                found.append((key, (
+                    f"| {r['label']} | {run['device_name']} | {ours['ms']:.1f} ms | {name} {b['ms']:.1f} ms | "
+                    f"{b['ms'] / ours['ms']:.2f}x | {ours['peak_mib']:.0f} / {b['peak_mib']:.0f} MiB | {run['date'][:10]} |"
+                )))
+    return [line for _, line in sorted(found)]
 
 
 def main() -> None:

@@ -1,0 +1,322 @@
+"""``vqfast bench``: vqfast against diffusers (and, on GPU, its own eager path and torch.compile
+of diffusers) on the real checkpoints' shapes, with time and peak memory.
+
+Prints a markdown table (case, device, vqfast, baseline, speed-up, peak memory) and writes a JSON
+file with the device, the versions and the date to ``--out`` (default bench/results/). The README's
+benchmark table is generated from those files (bench/table.py).
+
+Timing: the median of ``--repeat`` runs after warm-up runs (CUDA: synchronised around each run).
+Peak memory: what one run adds above the inputs and weights. On CUDA it is the allocator's
+high-water mark; on CPU, where tensors have no allocator counter, every case runs in a fresh
+process and the growth of its resident high-water mark (Linux's VmHWM) over one run is taken.
+Weights are random (no checkpoint is downloaded), with a codebook spread like a trained one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+#: (K, D) of the real codebooks.
+CODEBOOKS = {"movq": (16384, 4), "ldm_f4": (8192, 3), "amused": (8192, 64), "vqgan_f16": (16384, 256)}
+#: Real checkpoints' configs shipped in vqfast/configs.
+MODELS = {"movq": "kandinsky-2-2-movq", "ldm_f4": "ldm-vq-f4", "amused": "amused-vqvae"}
+#: The SpatialNorm / GroupNorm shape of the largest MoVQ decoder layer at 256x256: (C, side).
+NORM_SHAPE = (128, 256)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement. ``kind``: encode | decode (whole model), quantize (codebook search),
+    group_norm (GroupNorm+SiLU) or spatial_norm (SpatialNorm+SiLU). ``impl``: vqfast (its
+    automatic path), vqfast-eager, diffusers, diffusers-compile (torch.compile, default mode)."""
+
+    kind: str
+    name: str  # model or codebook name
+    batch: int
+    size: int  # image side in pixels (vectors for quantize: batch * (size/8)^2)
+    dtype: str
+    impl: str
+    device: str
+    channels_last: bool = False
+
+    @property
+    def label(self) -> str:
+        layout = " channels_last" if self.channels_last else ""
+        return f"{self.kind} {self.name} {self.batch}x{self.size}px {self.dtype}{layout}"
+
+
+def real_config(name: str) -> dict:
+    text = resources.files("vqfast").joinpath("configs", f"{MODELS[name]}.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def _vqfast(impl: str):
+    import vqfast
+
+    vqfast.set_backend("eager" if impl == "vqfast-eager" else None)
+    return vqfast
+
+
+def _model_case(case: Case) -> Callable[[], object]:
+    config = real_config(case.name)
+    torch.manual_seed(0)
+    if case.impl.startswith("diffusers"):
+        import diffusers
+
+        net = diffusers.VQModel(**config)
+    else:
+        net = _vqfast(case.impl).VQModel(**config)
+    with torch.no_grad():
+        net.quantize.embedding.weight.normal_()
+    dtype = getattr(torch, case.dtype)
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    net = net.to(case.device, dtype).to(memory_format=fmt).eval()
+    f = 2 ** (len(config["block_out_channels"]) - 1)
+    D = config.get("vq_embed_dim") or config["latent_channels"]
+    if case.kind == "encode":
+        fn, x = net.encode, torch.randn(case.batch, config["in_channels"], case.size, case.size)
+    else:
+        fn, x = net.decode, torch.randn(case.batch, D, case.size // f, case.size // f)
+    x = x.to(case.device, dtype).contiguous(memory_format=fmt)
+    if case.impl == "diffusers-compile":
+        fn = torch.compile(fn)
+    return lambda: fn(x)
+
+
+def _quantize_case(case: Case) -> Callable[[], object]:
+    K, D = CODEBOOKS[case.name]
+    g = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, case.dtype)
+    side = case.size // 8
+    z = torch.randn(case.batch, D, side, side, generator=g).to(case.device, dtype)
+    if case.impl.startswith("diffusers"):
+        from diffusers.models.autoencoders.vae import VectorQuantizer
+    else:
+        VectorQuantizer = _vqfast(case.impl).VectorQuantizer
+    q = VectorQuantizer(K, D, beta=0.25)
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.randn(K, D, generator=g))
+    q = q.to(case.device, dtype)
+    fn = torch.compile(q) if case.impl == "diffusers-compile" else q
+    return lambda: fn(z)
+
+
+def _norm_case(case: Case) -> Callable[[], object]:
+    C, side = NORM_SHAPE
+    dtype = getattr(torch, case.dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(case.batch, C, side, side, generator=g).to(case.device, dtype)
+    zq = torch.randn(case.batch, 4, side // 8, side // 8, generator=g).to(case.device, dtype)
+    silu = torch.nn.SiLU()
+    if case.impl.startswith("diffusers"):
+        if case.kind == "spatial_norm":
+            from diffusers.models.attention_processor import SpatialNorm
+
+            norm = SpatialNorm(C, 4).to(case.device, dtype)
+            fn = lambda: silu(norm(x, zq))  # noqa: E731
+        else:
+            norm = torch.nn.GroupNorm(32, C, eps=1e-6).to(case.device, dtype)
+            fn = lambda: silu(norm(x))  # noqa: E731
+        return torch.compile(fn) if case.impl == "diffusers-compile" else fn
+    _vqfast(case.impl)
+    from vqfast.layers import SpatialNorm, norm_act
+
+    norm = (SpatialNorm(C, 4) if case.kind == "spatial_norm" else torch.nn.GroupNorm(32, C, eps=1e-6)).to(case.device, dtype)
+    return lambda: norm_act(norm, x, zq, silu)
+
+
+BUILDERS = {"encode": _model_case, "decode": _model_case, "quantize": _quantize_case,
+            "group_norm": _norm_case, "spatial_norm": _norm_case}
+
+
+def build(case: Case) -> Callable[[], object]:
+    """A zero-argument callable running the case once (no grad)."""
+    run = BUILDERS[case.kind](case)
+
+    def once():
+        with torch.no_grad():
+            out = run()
+        if case.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    return once
+
+
+def resident_peak_kib() -> int:
+    """This process's resident-memory high-water mark (VmHWM): unlike ru_maxrss, which a child
+    inherits from its parent, it starts afresh at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status: CPU peak memory needs Linux")
+
+
+def measure_here(case: Case, repeat: int, warmup: int) -> dict:
+    """{"ms": median ms (None when repeat is 0), "runs_ms": [...], "peak_mib": memory one run
+    adds} in this process."""
+    run = build(case)
+    cuda = case.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resident_peak_kib()
+    run()  # the first run: peak memory (and compilation, for the compiled baseline)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else (resident_peak_kib() - base) / 1024
+    for _ in range(max(0, warmup - 1)):
+        run()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return {"ms": statistics.median(times) if times else None, "runs_ms": times, "peak_mib": peak}
+
+
+def measure(case: Case, repeat: int, warmup: int) -> dict:
+    """measure_here, in a fresh process on CPU (so that the resident high-water mark is this
+    case's own) and in this one on CUDA."""
+    if case.device.startswith("cuda"):
+        return measure_here(case, repeat, warmup)
+    code = (
+        "import json, sys; from vqfast.bench import Case, measure_here; "
+        f"print(json.dumps(measure_here(Case(**{asdict(case)!r}), {repeat}, {warmup})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{case.label} ({case.impl}) failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def baselines(device: str, kind: str, compile_baseline: bool) -> list[str]:
+    """What vqfast is compared with: diffusers when installed (a GPU machine may lack it), and
+    on GPU vqfast's eager path and, when asked, torch.compile of diffusers."""
+    has_diffusers = importlib.util.find_spec("diffusers") is not None
+    out = ["diffusers"] if has_diffusers else []
+    if device.startswith("cuda"):
+        out.append("vqfast-eager")
+        if has_diffusers and compile_baseline:
+            out.append("diffusers-compile")
+    return out
+
+
+def environment(device: str) -> dict:
+    import vqfast
+
+    versions = {"vqfast": vqfast.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("triton", "diffusers"):
+        if importlib.util.find_spec(name):
+            versions[name] = __import__(name).__version__
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    return {"device": device, "device_name": name, "versions": versions,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    out = []
+    for kind in args.kinds:
+        names = args.models if kind in ("encode", "decode") else args.codebooks if kind == "quantize" else ["movq"]
+        for name in names:
+            for batch in args.batch:
+                for size in args.size:
+                    for dtype in args.dtype:
+                        for cl in sorted(set(args.layout)):
+                            out.append(Case(kind, name, batch, size, dtype, "vqfast", args.device, cl == "channels_last"))
+    return out
+
+
+def table(env: dict, results: list[dict]) -> str:
+    """Markdown: one row per (case, baseline)."""
+    lines = ["| case | device | vqfast | baseline | speed-up | peak memory (vqfast / baseline) |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        ours = r["vqfast"]
+        for name, b in r["baselines"].items():
+            if "error" in b:
+                lines.append(f"| {r['label']} | {env['device_name']} | {ours['ms']:.1f} ms | {name}: {b['error']} | | |")
+                continue
+            lines.append(
+                f"| {r['label']} | {env['device_name']} | {ours['ms']:.1f} ms | {name} {b['ms']:.1f} ms | "
+                f"{b['ms'] / ours['ms']:.2f}x | {ours['peak_mib']:.0f} / {b['peak_mib']:.0f} MiB |"
+            )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"vqfast bench: --device {args.device} needs CUDA, which this torch does not see", file=sys.stderr)
+        return 2
+    env = environment(args.device)
+    results = []
+    for case in cases(args):
+        entry = {"case": asdict(case), "label": case.label, "vqfast": measure(case, args.repeat, args.warmup), "baselines": {}}
+        for name in baselines(args.device, case.kind, args.compile):
+            other = Case(**{**asdict(case), "impl": name})
+            try:
+                entry["baselines"][name] = measure(other, args.repeat, args.warmup)
+            except Exception as err:  # a baseline that fails (say, compile) is reported, not fatal
+                entry["baselines"][name] = {"error": str(err).splitlines()[0][:200]}
+        results.append(entry)
+        print(table(env, [entry]).splitlines()[-1], flush=True)
+    print()
+    print(table(env, results))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "cuda" if args.device.startswith("cuda") else "cpu"
+    path = out_dir / f"vqfast-bench-{env['date'][:10]}-{slug}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**env, "command": sys.argv[1:], "results": results}, indent=1))
+    tmp.replace(path)
+    print(f"\nwrote {path}")
+    return 0
+
+
+def register(sub, name: str) -> None:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = default_device == "cuda"
+    p = sub.add_parser(name, help="time vqfast against diffusers; markdown table + JSON",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kinds", nargs="+", default=["decode", "encode", "quantize", "spatial_norm", "group_norm"],
+                   choices=sorted(BUILDERS), help="what to time (default: all)")
+    p.add_argument("--models", nargs="+", default=sorted(MODELS), choices=sorted(MODELS))
+    p.add_argument("--codebooks", nargs="+", default=["movq", "amused"], choices=sorted(CODEBOOKS))
+    p.add_argument("--batch", nargs="+", type=int, default=[8] if cuda else [1])
+    p.add_argument("--size", nargs="+", type=int, default=[512] if cuda else [256], help="image side in pixels")
+    p.add_argument("--dtype", nargs="+", default=["float16"] if cuda else ["float32"],
+                   choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--layout", nargs="+", default=["nchw"], choices=["nchw", "channels_last"])
+    p.add_argument("--device", default=default_device)
+    p.add_argument("--compile", action="store_true", help="add torch.compile(diffusers) as a baseline (GPU)")
+    p.add_argument("--repeat", type=int, default=10 if cuda else 3, help="timed runs per case (median)")
+    p.add_argument("--warmup", type=int, default=3 if cuda else 1)
+    p.add_argument("--out", default="bench/results", help="folder for the JSON (default bench/results)")
+    p.set_defaults(run=run)
