@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import images, make_pair, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import vqfast
 from vqfast import reference
 
 CL = torch.channels_last
@@ -27,15 +28,32 @@ class OpRecorder(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("name", ["movq", "amused"])
-def test_channels_last_model_stays_channels_last(backend, name):
+@pytest.fixture
+def use_backend():
+    def use(name):
+        vqfast.set_backend(name)
+
+    yield use
+    vqfast.set_backend(None)
+
+
+# The Triton path (interpreted on CPU) runs a movq decode only: SpatialNorm, GroupNorm and the
+# codebook kernel are all in it (test_norms checks each kernel in both layouts), and an
+# interpreted encoder costs a minute more.
+@pytest.mark.parametrize("backend, name", [("eager", "movq"), ("eager", "amused"), ("triton", "movq")])
+def test_channels_last_model_stays_channels_last(use_backend, backend, name):
     _, ours = make_pair(name)
-    x = images(2, 32)
+    x = images(2, 32 if name == "amused" else 16)  # latents of 2x2 at least: 1x1 has no layout
     with torch.no_grad():
-        ref = ours(x).sample
+        latents = ours.encode(x).latents
+        ref = ours.decode(latents).sample if backend == "triton" else ours(x).sample
         cl_model = copy.deepcopy(ours).to(memory_format=CL)
+        use_backend(backend)
         with OpRecorder() as rec:
-            out = cl_model(x.to(memory_format=CL)).sample
+            if backend == "triton":
+                out = cl_model.decode(latents.contiguous(memory_format=CL)).sample
+            else:
+                out = cl_model(x.to(memory_format=CL)).sample
     assert rel_err(out, ref) < 1e-5
     assert out.is_contiguous(memory_format=CL)
     # Every activation an op makes (views aside) is channels_last: no layout copies. The one
@@ -59,13 +77,18 @@ def test_channels_last_group_norm_does_not_cancel():
     assert (out.double() - ref).abs().max() < 1e-3  # fp32 rounding of a group with std 0.01
 
 
-@pytest.mark.parametrize("call", ["encode", "decode", "forward", "decode_ids"])
-def test_no_host_syncs(backend, call):
+@pytest.mark.parametrize(
+    "backend, call",
+    [("eager", "encode"), ("eager", "decode"), ("eager", "forward"), ("eager", "decode_ids"), ("triton", "decode")],
+)
+def test_no_host_syncs(use_backend, backend, call):
     """No .item() / nonzero / bool(tensor) on the model's paths: each would stall a GPU stream.
-    A token-id decode makes exactly one, to refuse ids outside the codebook by name."""
+    A token-id decode makes exactly one, to refuse ids outside the codebook by name. (A decode
+    runs all three kernels on the Triton path.)"""
+    use_backend(backend)
     name = "amused" if call == "decode_ids" else "movq"
     _, ours = make_pair(name)
-    x = images(1, 32)
+    x = images(1, 16)
     with torch.no_grad():
         latents = ours.encode(x).latents
         ids = ours.quantize(latents)[2][2].view(1, *latents.shape[-2:])
