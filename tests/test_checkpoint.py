@@ -6,10 +6,9 @@ import sys
 import diffusers
 import pytest
 import torch
-from conftest import CONFIGS, images, make_pair, rel_err
+from conftest import images, make_pair, rel_err
 
 import vqfast
-from vqfast import checkpoint as ckpt
 
 
 def _same_outputs(a, b, x, tol=1e-5):
@@ -187,3 +186,14 @@ def test_hub_kwargs_are_refused_for_local_folders(tmp_path):
     vqfast.VQModel().save_pretrained(tmp_path)
     with pytest.raises(TypeError, match="revision"):
         vqfast.VQModel.from_pretrained(tmp_path, revision="main")
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    vqfast.VQModel(block_out_channels=(32,), norm_num_groups=8).save_pretrained(tmp_path)
+    for f in tmp_path.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name  # not mkstemp's 0600

@@ -87,9 +87,9 @@ def test_model_copies_and_pickles():
     import copy
     import pickle
 
-    from vqfast import VQModel
+    from conftest import CONFIGS
 
-    model = VQModel(**CONFIGS["ldm_f4"])
+    model = vqfast.VQModel(**CONFIGS["ldm_f4"])
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), copy.copy(model)):
         assert clone.config == model.config and type(clone.config) is type(model.config)
         for (k, a), b in zip(model.state_dict().items(), clone.state_dict().values()):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
-
-from .checkpoint import _atomic_write
 
 # The process's umask, read once at import (os.umask can only be read by setting it, which is not
 # safe while other threads create files).
@@ -15,15 +14,20 @@ os.umask(_UMASK)
 
 
 def write_atomically(target: Path, write: Callable[[str], object]) -> None:
-    """Call ``write(temporary_path)`` in ``target``'s folder, then rename the file to ``target``.
+    """Call ``write(temporary_path)`` in ``target``'s folder, then rename the file to ``target``:
+    a crash leaves the old file or none, never a torn one.
 
-    The temporary file gets the permissions a plain ``open(target, "w")`` would give (0666 less the
-    umask) rather than mkstemp's 0600, so that outputs are as readable as any other file.
+    The file gets the permissions a plain ``open(target, "w")`` would give (0666 less the umask)
+    rather than mkstemp's 0600, so outputs are as readable as any other file.
     """
-
-    def write_with_mode(tmp: str) -> None:
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target, write_with_mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

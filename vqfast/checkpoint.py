@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import write_atomically
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -128,18 +129,6 @@ def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.T
         raise ValueError(f"the weights in {source} do not fit this model's config:\n  " + "\n  ".join(problems))
 
 
-def _atomic_write(target: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash leaves no torn file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_folder(
     folder: Path,
     config: dict[str, Any],
@@ -156,7 +145,7 @@ def write_folder(
     if safe_serialization:
         from safetensors.torch import save_file
 
-        _atomic_write(folder / f"{stem}.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        write_atomically(folder / f"{stem}.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     else:
-        _atomic_write(folder / f"{stem}.bin", lambda p: torch.save(tensors, p))
-    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        write_atomically(folder / f"{stem}.bin", lambda p: torch.save(tensors, p))
+    write_atomically(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
