@@ -33,8 +33,9 @@ class SpatialNorm(nn.Module):
 
     diffusers upsamples zq to f's size and then runs both convolutions at full resolution. A 1x1
     convolution commutes with nearest upsampling, so we run them at zq's resolution (up to
-    (H/h)(W/w) times less work) and let the functional op broadcast the result.
-    Always 32 groups, as in diffusers.
+    (H/h)(W/w) times less work) and let the functional op broadcast the result, with the norm's
+    affine folded into the maps. ``exact = True`` (VQModel.exact) keeps diffusers' order of
+    operations instead, bit for bit. Always 32 groups, as in diffusers.
     """
 
     def __init__(self, f_channels: int, zq_channels: int):
@@ -42,17 +43,27 @@ class SpatialNorm(nn.Module):
         self.norm_layer = nn.GroupNorm(num_channels=f_channels, num_groups=32, eps=1e-6, affine=True)
         self.conv_y = nn.Conv2d(zq_channels, f_channels, kernel_size=1, stride=1, padding=0)
         self.conv_b = nn.Conv2d(zq_channels, f_channels, kernel_size=1, stride=1, padding=0)
+        self.exact = False
 
     def forward(self, f: torch.Tensor, zq: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         n = self.norm_layer
+        if getattr(self, "exact", False):  # diffusers' own module, patched, has no flag
+            up = lambda t: F.interpolate(t, size=f.shape[-2:], mode="nearest")  # noqa: E731
+            y = n(f) * up(self.conv_y(zq)) + up(self.conv_b(zq))
+            return F.silu(y) if activation == "silu" else y
         return vf.spatial_norm(
             f, self.conv_y(zq), self.conv_b(zq), n.num_groups, n.weight, n.bias, n.eps, activation
         )
 
 
 def norm_act(norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, act: nn.Module | None) -> torch.Tensor:
-    """``act(norm(x))`` for a GroupNorm or a SpatialNorm, fusing the activation when it is SiLU."""
+    """``act(norm(x))`` for a GroupNorm or a SpatialNorm, fusing the activation when it is SiLU.
+    A GroupNorm marked ``exact`` (VQModel.exact) runs as the plain module, in PyTorch's kernel
+    for x's layout, as diffusers runs it."""
     fused = _fused_name(act)
+    if getattr(norm, "exact", False) and isinstance(norm, nn.GroupNorm):
+        y = norm(x)
+        return y if act is None else act(y)
     if hasattr(norm, "conv_y"):  # a SpatialNorm: ours, or diffusers' patched by vqfast.patch
         y = SpatialNorm.forward(norm, x, zq, activation=fused)
     else:
@@ -105,6 +116,11 @@ class ResnetBlock2D(nn.Module):
         return x + h
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class Attention(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual connection.
 
@@ -123,6 +139,7 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(channels, channels, bias=True)
         self.to_v = nn.Linear(channels, channels, bias=True)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels, bias=True), nn.Dropout(0.0)])
+        self.exact = False
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W); zq (diffusers calls it temb): the quantized latents, for SpatialNorm."""
@@ -176,16 +193,16 @@ class Upsample2D(nn.Module):
     (the same function: each output pixel sees 2x2 low-res pixels through summed taps), so the
     upsampled tensor never exists and each output pixel costs 4 instead of 9 multiply-adds per
     input channel. The folded kernel is built once per state of the weights (vqfast.derived).
-    ``fold = False`` (VQModel.exact) keeps diffusers' upsample-then-convolve order, bit for bit.
+    ``exact = True`` (VQModel.exact) keeps diffusers' upsample-then-convolve order, bit for bit.
     """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.fold = True
+        self.exact = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not getattr(self, "fold", True):  # diffusers' own module, patched, has no flag
+        if getattr(self, "exact", False):  # diffusers' own module, patched, has no flag
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         weight = derived(upsample_conv_weights, self.conv.weight)
         return F.conv_transpose2d(x, weight, self.conv.bias, stride=2, padding=1)

@@ -13,9 +13,12 @@ from torch import nn
 from . import checkpoint as ckpt
 from .blocks import Decoder, Encoder
 from .config import FrozenConfig, init_args_from_config
-from .layers import ACTIVATIONS, Attention, Upsample2D
+from .layers import ACTIVATIONS, Attention, SpatialNorm, Upsample2D
 from .outputs import DecoderOutput, VQEncoderOutput
 from .quantizer import VectorQuantizer
+
+#: The modules VQModel.exact switches (a plain attribute: the state dict does not change).
+_EXACT_SWITCHED = (Upsample2D, SpatialNorm, Attention, nn.GroupNorm)
 
 NORM_TYPES = ("group", "spatial")
 
@@ -75,16 +78,18 @@ class VQModel(nn.Module):
 
     @property
     def exact(self) -> bool:
-        """True keeps diffusers' order of operations where vqfast reorders it for speed (today:
-        the upsample-then-convolve of the decoder, which vqfast folds into low-resolution 2x2
-        convolutions). Float32 outputs agree with diffusers within 1e-5 either way."""
-        return not any(m.fold for m in self.modules() if isinstance(m, Upsample2D))
+        """True keeps diffusers' order of operations and layouts where vqfast changes them for
+        speed or accuracy: the decoder's upsample-then-convolve (folded into one transposed
+        convolution), SpatialNorm's affine (folded into its latent-resolution maps), attention's
+        channels_last output and GroupNorm on channels_last activations (see
+        reference._group_norm). Float32 outputs agree with diffusers within 1e-5 either way."""
+        return all(getattr(m, "exact", False) for m in self.modules() if isinstance(m, _EXACT_SWITCHED))
 
     @exact.setter
     def exact(self, value: bool) -> None:
         for m in self.modules():
-            if isinstance(m, Upsample2D):
-                m.fold = not value
+            if isinstance(m, _EXACT_SWITCHED):
+                m.exact = bool(value)
 
     @property
     def dtype(self) -> torch.dtype:
