@@ -9,7 +9,7 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert main(["bench", "--kinds", "group_norm", "--repeat", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| case | device | vqfast | baseline | speed-up | peak memory (vqfast / baseline) |" in out
-    (file,) = tmp_path.glob("vqfast-bench-*-cpu.json")
+    (file,) = tmp_path.glob("vqfast-bench-*-cpu-group_norm.json")
     run = json.loads(file.read_text())
     assert run["device"] == "cpu" and run["device_name"] and run["date"][:4].isdigit()
     assert {"vqfast", "torch", "diffusers"} <= set(run["versions"])

@@ -291,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
     print(table(env, results))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "cuda" if args.device.startswith("cuda") else "cpu"
+    # One file per day, device and set of kinds: a rerun of the same subset replaces its file.
+    slug = "-".join(["cuda" if args.device.startswith("cuda") else "cpu", *sorted(set(args.kinds))])
     path = out_dir / f"vqfast-bench-{env['date'][:10]}-{slug}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({**env, "command": sys.argv[1:], "results": results}, indent=1))
