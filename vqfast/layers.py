@@ -113,7 +113,9 @@ class ResnetBlock2D(nn.Module):
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        if h.requires_grad or x.requires_grad:
+            return x + h
+        return h.add_(x)  # h is this block's own tensor: no third full-size allocation
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
