@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from vqfast.bench import Case
+
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 #: Row order: whole-model cases first (what users run), then the ops.
@@ -29,7 +31,7 @@ def rows() -> list[str]:
                 ours = r["vqfast"]
                 key = (KIND_ORDER.index(case["kind"]), case["name"], case["batch"], case["size"], case["dtype"], name)
                 found.append((key, (
-                    f"| {r['label']} | {run['device_name']} | {ours['ms']:.1f} ms | {name} {b['ms']:.1f} ms | "
+                    f"| {Case(**case).label} | {run['device_name']} | {ours['ms']:.1f} ms | {name} {b['ms']:.1f} ms | "
                     f"{b['ms'] / ours['ms']:.2f}x | {ours['peak_mib']:.0f} / {b['peak_mib']:.0f} MiB | {run['date'][:10]} |"
                 )))
     return [line for _, line in sorted(found)]

@@ -56,7 +56,15 @@ class Case:
     @property
     def label(self) -> str:
         layout = " channels_last" if self.channels_last else ""
-        return f"{self.kind} {self.name} {self.batch}x{self.size}px {self.dtype}{layout}"
+        if self.kind == "quantize":
+            K, D = CODEBOOKS[self.name]
+            what = f"K={K} D={D} N={self.batch * (self.size // 8) ** 2}"
+        elif self.kind in ("encode", "decode"):
+            what = f"batch {self.batch} {self.size}x{self.size}"
+        else:
+            C, side = NORM_SHAPE
+            what = f"{self.batch}x{C}x{side}x{side}"
+        return f"{self.kind} {self.name} {what} {self.dtype}{layout}"
 
 
 def real_config(name: str) -> dict:
