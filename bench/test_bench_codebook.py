@@ -8,7 +8,7 @@ from cases import CODEBOOKS, DEV, Case, baselines, run_case
 import vqfast
 
 
-@pytest.mark.parametrize("impl", ["vqfast", *baselines(DEV, "quantize", compile_baseline=False)])
+@pytest.mark.parametrize("impl", ["vqfast", *baselines(DEV, compile_baseline=False)])
 @pytest.mark.parametrize("side", [128, 512])
 @pytest.mark.parametrize("codebook", sorted(CODEBOOKS))
 def test_quantize(benchmark, codebook, side, impl):

@@ -22,7 +22,7 @@ def _skip_reason(batch, size, dtype):
     return None
 
 
-@pytest.mark.parametrize("impl", ["vqfast", *baselines(DEV, "decode", compile_baseline=True)])
+@pytest.mark.parametrize("impl", ["vqfast", *baselines(DEV, compile_baseline=True)])
 @pytest.mark.parametrize("batch, size, dtype", GRID, ids=lambda v: str(v))
 @pytest.mark.parametrize("kind", ["decode", "encode"])
 @pytest.mark.parametrize("model", sorted(MODELS))

@@ -212,7 +212,7 @@ def measure(case: Case, repeat: int, warmup: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def baselines(device: str, kind: str, compile_baseline: bool) -> list[str]:
+def baselines(device: str, compile_baseline: bool) -> list[str]:
     """What vqfast is compared with: diffusers when installed (a GPU machine may lack it), and
     on GPU vqfast's eager path and, when asked, torch.compile of diffusers."""
     has_diffusers = importlib.util.find_spec("diffusers") is not None
@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for case in cases(args):
         entry = {"case": asdict(case), "label": case.label, "vqfast": measure(case, args.repeat, args.warmup), "baselines": {}}
-        for name in baselines(args.device, case.kind, args.compile):
+        for name in baselines(args.device, args.compile):
             other = Case(**{**asdict(case), "impl": name})
             try:
                 entry["baselines"][name] = measure(other, args.repeat, args.warmup)
