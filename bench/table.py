@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from vqfast.bench import Case
+from vqfast.cli.bench import Case
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

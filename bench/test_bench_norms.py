@@ -15,7 +15,7 @@ from cases import DEV, real_config
 
 import vqfast
 from vqfast import functional as vf
-from vqfast.layers import SpatialNorm
+from vqfast.models.layers import SpatialNorm
 
 
 def movq_spatial_calls(side: int = 256):

@@ -1,6 +1,6 @@
 """Triton kernels and their launchers, installed as ``vqfast.kernels``.
 
-Only ``vqfast.functional`` (through ``vqfast.ops``) imports from here, and only when the
+Only ``vqfast.ops`` (its custom ops, chosen by its dispatcher) imports from here, and only when the
 dispatcher picks Triton.
 """
 

@@ -22,8 +22,9 @@ _POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf
             torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}
 
 
-def pointer(dtype: torch.dtype) -> str:
-    return _POINTER[dtype]
+def triton_signature(signature: dict) -> dict:
+    """The kernels' compile specs name a pointer argument by the torch dtype it points to."""
+    return {name: _POINTER[t] if isinstance(t, torch.dtype) else t for name, t in signature.items()}
 
 
 def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, arch: int) -> dict[str, int]:
@@ -32,7 +33,7 @@ def compile_resources(fn, signature: dict, constexprs: dict, num_warps: int, arc
     loads in its SASS (spills)."""
     if not isinstance(fn, JITFunction):  # under TRITON_INTERPRET=1 triton.jit gave a wrapper
         fn = JITFunction(fn.fn)
-    sig = dict(signature)
+    sig = triton_signature(signature)
     sig.update({name: "constexpr" for name in constexprs})
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})

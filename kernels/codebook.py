@@ -128,16 +128,15 @@ def aot_cases() -> list[tuple[torch.dtype, int, int, bool]]:
 
 def compile_spec(z_dtype: torch.dtype, book_dtype: torch.dtype, D: int, K: int, write_zq: bool):
     """(signature, constexprs, num_warps) of the launch ``nearest_code`` makes for these inputs,
-    for ahead-of-time compilation (kernels/aot.py). Sizes and strides as 32-bit ints."""
-    from .aot import pointer
-
+    for ahead-of-time compilation (kernels/aot.py). Pointers are given as the torch dtype they
+    point to; sizes and strides as 32-bit ints."""
     acc = torch.float64 if torch.float64 in (z_dtype, book_dtype) else torch.float32
     cfg = launch_config(D, K, acc)
     num_warps = cfg.pop("num_warps")
     signature = {
-        "z_ptr": pointer(z_dtype), "book_ptr": pointer(book_dtype), "centred_ptr": pointer(acc),
-        "norms_ptr": pointer(acc), "mu_ptr": pointer(acc), "idx_ptr": pointer(torch.int64),
-        "zq_ptr": pointer(z_dtype), "sse_ptr": pointer(acc),
+        "z_ptr": z_dtype, "book_ptr": book_dtype, "centred_ptr": acc,
+        "norms_ptr": acc, "mu_ptr": acc, "idx_ptr": torch.int64,
+        "zq_ptr": z_dtype, "sse_ptr": acc,
         **{name: "i32" for name in ("N", "K", "R1", "R2", "sz0", "sz1", "sz2", "szd",
                                     "sq0", "sq1", "sq2", "sqd", "sbk", "sbd")},
     }
@@ -166,7 +165,7 @@ def nearest_code(
     """Launch the kernel. Returns (indices shaped like z without dim, z_q like z or None,
     the summed squared error (code - z)^2 as a 0-dim float32/float64 tensor or None).
     ``centred``: (mu, codebook - mu contiguous, its squared row norms) in the accumulator dtype;
-    the caller builds it once per codebook (vqfast.reference.centred_codebook)."""
+    the caller builds it once per codebook (vqfast.ops.reference.centred_codebook)."""
     acc = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
     D, K = codebook.shape[1], codebook.shape[0]
     zm = z.movedim(dim, -1)

@@ -219,19 +219,18 @@ def aot_cases() -> list[tuple[torch.dtype, int, int, int, bool, bool]]:
 
 
 def compile_spec(dtype: torch.dtype, B: int, C: int, G: int, P: int, spatial: bool):
-    """[(kernel, signature, constexprs, num_warps)] for the two launches ``norm`` makes."""
-    from .aot import pointer
-
+    """[(kernel, signature, constexprs, num_warps)] for the two launches ``norm`` makes; pointers
+    are given as the torch dtype they point to (kernels/aot.py turns them into Triton types)."""
     cfg = launch_config(B, G, C // G, P)
     num_warps = cfg.pop("num_warps")
     S = cfg.pop("S")
     cfg.pop("per_prog")
     ints = ("C", "P", "W", "G", "S", "per_prog")
-    stats_sig = {"x_ptr": pointer(dtype), "part_ptr": pointer(torch.float32),
+    stats_sig = {"x_ptr": dtype, "part_ptr": torch.float32,
                  **{n: "i32" for n in ints + ("sb", "sc", "sh", "sw")}}
-    apply_sig = {"x_ptr": pointer(dtype), "y_ptr": pointer(dtype), "part_ptr": pointer(torch.float32),
-                 "w_ptr": pointer(dtype), "b_ptr": pointer(dtype), "scale_ptr": pointer(dtype),
-                 "shift_ptr": pointer(dtype), "src_h_ptr": pointer(torch.int32), "src_w_ptr": pointer(torch.int32),
+    apply_sig = {"x_ptr": dtype, "y_ptr": dtype, "part_ptr": torch.float32,
+                 "w_ptr": dtype, "b_ptr": dtype, "scale_ptr": dtype,
+                 "shift_ptr": dtype, "src_h_ptr": torch.int32, "src_w_ptr": torch.int32,
                  **{n: "i32" for n in ints}, "eps": "fp32",
                  **{n: "i32" for n in ("sb", "sc", "sh", "sw", "yb", "yc", "yh", "yw", "mb", "mc", "mh", "mw")}}
     apply_const = dict(CG=C // G, BLOCK_S=min(1024, triton.next_power_of_2(S)), AFFINE=True,

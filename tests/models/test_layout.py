@@ -9,7 +9,7 @@ from conftest import images, make_pair, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqfast
-from vqfast import reference
+from vqfast.ops import reference
 
 CL = torch.channels_last
 

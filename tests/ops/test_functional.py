@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vqfast import functional as vf
-from vqfast import reference
+from vqfast.ops import reference
 
 
 def test_chunking_changes_nothing():
@@ -28,7 +28,7 @@ def test_full_size_search_never_holds_the_distance_matrix():
     code = textwrap.dedent(
         """
         import torch
-        from vqfast.reference import nearest_code
+        from vqfast.ops.reference import nearest_code
 
         def peak_kib():  # VmHWM starts afresh at exec, unlike ru_maxrss (inherited from the parent)
             line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .atomic import write_atomically
+from ..models.atomic import write_atomically
 from .images import tensor_bytes
 
 FORMAT = "vqfast.tokens/1"
@@ -79,7 +79,7 @@ def write(path: Path, tokens: torch.Tensor, names: list[str], key: Key) -> None:
     lists the metadata in a different order on every call: the same tokens give the same bytes,
     so a resumed or sharded run can be compared with ``cmp``.
     """
-    from . import __version__
+    from .. import __version__
 
     dtype = token_dtype(key.num_vq_embeddings)
     data = tensor_bytes(tokens.to("cpu", dtype))  # native order: little-endian, as safetensors wants, on x86 and ARM

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from test_tokens import decode, encode, make_images, make_model, one_thread  # noqa: F401 (autouse fixture)
 
-from vqfast import sharding, tokenfile
+from vqfast.cli import sharding, tokenfile
 
 
 def torchrun(*args, cwd) -> subprocess.CompletedProcess:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import vqfast
-from vqfast.__main__ import main
-from vqfast.demo import embedded, load_image
+from vqfast.cli.main import main
+from vqfast.cli.demo import embedded, load_image
 
 from conftest import rel_err
 

@@ -8,7 +8,7 @@ from conftest import images, make_pair, rel_err
 
 import vqfast
 
-_FORWARDS = importlib.import_module("vqfast.patch")._FORWARDS  # the module, not the function
+_FORWARDS = importlib.import_module("vqfast.models.patch")._FORWARDS  # the module, not the function
 
 
 def test_patch_accelerates_in_place_and_unpatch_restores(config_name):

@@ -141,7 +141,7 @@ def _norm_case(case: Case) -> Callable[[], object]:
             fn = lambda: silu(norm(x))  # noqa: E731
         return torch.compile(fn) if case.impl == "diffusers-compile" else fn
     _vqfast(case.impl)
-    from vqfast.layers import SpatialNorm, norm_act
+    from vqfast.models.layers import SpatialNorm, norm_act
 
     norm = (SpatialNorm(C, 4) if case.kind == "spatial_norm" else torch.nn.GroupNorm(32, C, eps=1e-6)).to(case.device, dtype)
     return lambda: norm_act(norm, x, zq, silu)
@@ -203,7 +203,7 @@ def measure(case: Case, repeat: int, warmup: int) -> dict:
     if case.device.startswith("cuda"):
         return measure_here(case, repeat, warmup)
     code = (
-        "import json, sys; from vqfast.bench import Case, measure_here; "
+        "import json, sys; from vqfast.cli.bench import Case, measure_here; "
         f"print(json.dumps(measure_here(Case(**{asdict(case)!r}), {repeat}, {warmup})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

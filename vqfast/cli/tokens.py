@@ -61,7 +61,7 @@ from typing import Callable
 import torch
 
 from . import budget, images, sharding, tokenfile
-from .model import VQModel
+from ..models.model import VQModel
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -235,7 +235,7 @@ def run_encode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
         sources = ([output] if output.exists() else []) + tokenfile.list_parts(parts)
         rows = tokenfile.merge(output, sources, [i.name for i in items if i.name not in skipped], key)
         assert len(rows) == encoded, f"{encoded - len(rows)} encoded images are missing from the parts"
-        from . import __version__
+        from .. import __version__
 
         tokenfile.write_json(output.with_suffix(".manifest.json"), {
             "format": "vqfast.encode-manifest/1", "tokens": output.name, "vqfast_version": __version__,

@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import vqfast
-from vqfast import budget, tokenfile, tokens
-from vqfast.__main__ import main
+from vqfast.cli import budget, tokenfile, tokens
+from vqfast.cli.main import main
 
 TINY = dict(
     block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,

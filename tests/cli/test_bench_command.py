@@ -2,7 +2,7 @@
 
 import json
 
-from vqfast.__main__ import main
+from vqfast.cli.main import main
 
 
 def test_bench_writes_table_and_json(tmp_path, capsys):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import VQModel, __version__
+from .. import VQModel, __version__
 
 #: The embedded model's architecture: f4 (two downsamples), so a 64x64 crop is 16x16 tokens.
 #: A SpatialNorm decoder (MoVQ's), because GroupNorm alone loses the colour of flat regions: with

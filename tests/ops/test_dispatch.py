@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vqfast
-from vqfast import dispatch
+from vqfast.ops import dispatch
 from vqfast import kernels
 
 

@@ -28,7 +28,7 @@ def accumulator(*tensors: torch.Tensor) -> torch.dtype:
 @torch.no_grad()
 def centred_codebook(codebook: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mu (D,), codebook - mu (K, D) contiguous, its squared row norms (K,)), all in ``acc``:
-    what both search paths rank with. Callers cache it per codebook state (vqfast.derived)."""
+    what both search paths rank with. Callers cache it per codebook state (vqfast.ops.derived)."""
     book = codebook.to(acc)
     mu = book.mean(dim=0)
     centred = (book - mu).contiguous()

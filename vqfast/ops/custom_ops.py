@@ -15,7 +15,7 @@ from .derived import derived
 
 
 def _kernels():
-    from .kernels import codebook
+    from ..kernels import codebook
 
     return codebook
 
@@ -121,7 +121,7 @@ def group_norm(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float, silu: bool, use_triton: bool
 ) -> Tensor:
     if use_triton:
-        from .kernels import group_norm as kernel
+        from ..kernels import group_norm as kernel
 
         return kernel.norm(_new_like(x), x, num_groups, weight, bias, eps, silu)
     return _in_layout_of(reference.group_norm(x, num_groups, weight, bias, eps, silu), x)
@@ -138,7 +138,7 @@ def spatial_norm(
     eps: float, silu: bool, use_triton: bool,
 ) -> Tensor:
     if use_triton:
-        from .kernels import spatial_norm as kernel
+        from ..kernels import spatial_norm as kernel
 
         return kernel.spatial_norm(_new_like(f), f, scale, shift, num_groups, weight, bias, eps, silu)
     return _in_layout_of(reference.spatial_norm(f, scale, shift, num_groups, weight, bias, eps, silu), f)

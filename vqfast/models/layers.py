@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional as vf
-from .derived import derived
+from ..ops import functional as vf
+from ..ops.derived import derived
 
 ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -194,7 +194,7 @@ class Upsample2D(nn.Module):
     Computed as one stride-2 transposed convolution with a 4x4 kernel folded from the 3x3 one
     (the same function: each output pixel sees 2x2 low-res pixels through summed taps), so the
     upsampled tensor never exists and each output pixel costs 4 instead of 9 multiply-adds per
-    input channel. The folded kernel is built once per state of the weights (vqfast.derived).
+    input channel. The folded kernel is built once per state of the weights (vqfast.ops.derived).
     ``exact = True`` (VQModel.exact) keeps diffusers' upsample-then-convolve order, bit for bit.
     """
 

@@ -1,12 +1,12 @@
 """The ops the model calls. Each checks its arguments, asks the dispatcher for the path, and
-runs it: a Triton kernel (vqfast.kernels) or the eager reference (vqfast.reference).
+runs it: a Triton kernel (vqfast.kernels) or the eager reference (vqfast.ops.reference).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import custom_ops
 from .dispatch import use_triton
 
 _ACTIVATIONS = (None, "silu")
@@ -48,7 +48,7 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, dim: int = 1) -> to
     all-NaN distances. No N x K distance matrix is ever held: extra memory is O(N).
     """
     dim = _check_codes(z, codebook, dim)
-    return ops.nearest_code(z.detach(), codebook.detach(), dim, use_triton(z.device))
+    return custom_ops.nearest_code(z.detach(), codebook.detach(), dim, use_triton(z.device))
 
 
 def quantize(
@@ -69,7 +69,7 @@ def quantize(
     """
     dim = _check_codes(z, codebook, dim)
     z_weight, code_weight = (1.0, float(beta)) if legacy else (float(beta), 1.0)
-    return ops.quantize(z, codebook, dim, z_weight, code_weight, use_triton(z.device))
+    return custom_ops.quantize(z, codebook, dim, z_weight, code_weight, use_triton(z.device))
 
 
 def _check_norm(x: torch.Tensor, num_groups: int, name: str) -> None:
@@ -93,7 +93,7 @@ def group_norm(
     Output in x's dtype and memory format; statistics in fp32."""
     _check_activation(activation)
     _check_norm(x, num_groups, "x")
-    return ops.group_norm(x, num_groups, weight, bias, float(eps), activation == "silu", use_triton(x.device))
+    return custom_ops.group_norm(x, num_groups, weight, bias, float(eps), activation == "silu", use_triton(x.device))
 
 
 def spatial_norm(
@@ -119,6 +119,6 @@ def spatial_norm(
             f"spatial_norm needs f (B, C, H, W) and scale, shift (B, C, h, w) of one shape, got "
             f"{tuple(f.shape)}, {tuple(scale.shape)}, {tuple(shift.shape)}"
         )
-    return ops.spatial_norm(
+    return custom_ops.spatial_norm(
         f, scale, shift, num_groups, weight, bias, float(eps), activation == "silu", use_triton(f.device)
     )

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import vqfast
-from vqfast import train
-from vqfast.__main__ import main
+from vqfast.cli import train
+from vqfast.cli.main import main
 
 pytest.importorskip("sklearn")
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import vqfast
-from vqfast import derived, layers, reference
+from vqfast.models import layers
+from vqfast.ops import derived, reference
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from . import VQModel, backend_info, set_backend
-from .dispatch import triton_problem
+from .. import VQModel, backend_info, set_backend
+from ..ops.dispatch import triton_problem
 from .train import psnr
 
 #: Larger inputs are scaled down first: the eager CPU path takes seconds per megapixel.

@@ -177,8 +177,8 @@ def test_every_norm_of_the_model_goes_through_the_fused_ops(monkeypatch):
     module runs once per forward, through vqfast's ops (which the dispatcher routes)."""
     from conftest import CONFIGS
 
-    from vqfast import reference
-    from vqfast.layers import SpatialNorm
+    from vqfast.ops import reference
+    from vqfast.models.layers import SpatialNorm
 
     calls = {"group_norm": 0, "spatial_norm": 0}
     for name in calls:

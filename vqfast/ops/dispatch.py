@@ -47,14 +47,14 @@ def get_backend() -> str:
 def triton_problem() -> str | None:
     """Why the Triton kernels cannot be imported here, or None when they can."""
     try:
-        from .kernels import codebook, group_norm, spatial_norm  # noqa: F401
+        from ..kernels import codebook, group_norm, spatial_norm  # noqa: F401
     except Exception as e:  # ImportError, or triton failing to find a backend
         return f"{type(e).__name__}: {e}"
     return None
 
 
 def _kernels_interpreted() -> bool:
-    from . import kernels
+    from .. import kernels
 
     return kernels.INTERPRETED
 

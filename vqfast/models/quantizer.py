@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import functional as vf
+from ..ops import functional as vf
 
 
 class VectorQuantizer(nn.Module):

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from .atomic import write_atomically
+from ..models.atomic import write_atomically
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -200,7 +200,7 @@ def test_half_precision_models(dtype):
 
 @pytest.mark.parametrize("shape", [(2, 8, 5, 3), (1, 4, 1, 1), (1, 16, 7, 6)])
 def test_folded_upsample_conv_is_the_same_function(shape):
-    from vqfast.layers import Upsample2D
+    from vqfast.models.layers import Upsample2D
 
     torch.manual_seed(0)
     up = Upsample2D(shape[1])
