@@ -53,6 +53,23 @@ def test_documented_names():
     assert "encode" in out.stdout and "decode" in out.stdout
 
 
+
+def test_import_is_light():
+    """`import vqfast` after `import torch` loads vqfast's own modules and nothing else: no
+    torch._dynamo (about a second), no triton, no sympy. Counted in modules, not seconds."""
+    out = _run(
+        """
+        import sys, torch
+        before = set(sys.modules)
+        import vqfast
+        new = sorted(set(sys.modules) - before)
+        print(len(new)); print(" ".join(m for m in new if m.split(".")[0] != "vqfast"))
+        """
+    )
+    count, foreign = (out.splitlines() + [""])[:2]
+    assert foreign.strip() == "", f"import vqfast pulled in modules beyond its own: {foreign}"
+    assert int(count) <= 30, f"import vqfast loaded {count} modules"
+
 # --- layout: three parts, one import direction -------------------------------------------------
 
 import ast  # noqa: E402

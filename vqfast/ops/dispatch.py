@@ -59,8 +59,6 @@ def _kernels_interpreted() -> bool:
     return kernels.INTERPRETED
 
 
-# torch.compile evaluates the choice once, while tracing, and bakes it into the graph.
-@torch.compiler.assume_constant_result
 def use_triton(device: torch.device) -> bool:
     """Whether the fused ops run their Triton kernels for tensors on ``device``."""
     backend = get_backend()
@@ -79,6 +77,12 @@ def use_triton(device: torch.device) -> bool:
         f"the 'triton' backend is forced for {device.type} tensors; Triton runs on CUDA tensors, "
         "or on CPU tensors when TRITON_INTERPRET=1 was set before vqfast's kernels were imported"
     )
+
+
+# torch.compile evaluates the choice once, while tracing, and bakes it into the graph. This is
+# what torch.compiler.assume_constant_result sets; calling that would import torch._dynamo (about
+# a second) at `import vqfast`.
+use_triton._dynamo_marked_constant = True
 
 
 def backend_info(device: str | torch.device = "cpu") -> dict[str, str]:
