@@ -1,6 +1,7 @@
 """Constructor, defaults and config: the same surface as diffusers.VQModel."""
 
 import inspect
+import json
 import warnings
 
 import diffusers
@@ -94,3 +95,45 @@ def test_model_copies_and_pickles():
         assert clone.config == model.config and type(clone.config) is type(model.config)
         for (k, a), b in zip(model.state_dict().items(), clone.state_dict().values()):
             assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize(
+    "change, key, expected",
+    [
+        (dict(num_vq_embeddings=0), "num_vq_embeddings", "a positive integer"),
+        (dict(latent_channels="4"), "latent_channels", "a positive integer"),
+        (dict(layers_per_block=1.5), "layers_per_block", "a positive integer"),
+        (dict(block_out_channels=[]), "block_out_channels", "a non-empty list of positive integers"),
+        (dict(block_out_channels=[32, 0], down_block_types=["DownEncoderBlock2D"] * 2,
+              up_block_types=["UpDecoderBlock2D"] * 2), "block_out_channels", "a non-empty list of positive"),
+        (dict(block_out_channels=[48]), "block_out_channels", "divisible by norm_num_groups=32"),
+        (dict(norm_type="spatial", block_out_channels=[16], norm_num_groups=8), "block_out_channels",
+         "divisible by 32 with norm_type='spatial'"),
+        (dict(down_block_types=["CrossAttnDownBlock2D"]), "down_block_types", "unknown: ['CrossAttnDownBlock2D']"),
+        (dict(up_block_types=["UpDecoderBlock2D"] * 2), "up_block_types", "one entry per block_out_channels (1"),
+        (dict(act_fn=3), "act_fn", "one of"),
+        (dict(force_upcast=1), "force_upcast", "true or false"),
+        (dict(vq_embed_dim=0), "vq_embed_dim", "a positive integer or null"),
+        (dict(scaling_factor=float("nan")), "scaling_factor", "a finite number"),
+    ],
+)
+def test_bad_config_values_are_refused_by_key_value_and_file(tmp_path, change, key, expected):
+    with pytest.raises(ValueError, match=rf"'{key}' is .*; expected .*") as err:
+        vqfast.VQModel.from_config(dict(vqfast.VQModel().config, **change))
+    assert expected in str(err.value)
+    folder = tmp_path / "model"
+    vqfast.VQModel().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError) as err:
+        vqfast.VQModel.from_pretrained(folder)
+    assert str(folder / "config.json") in str(err.value) and f"'{key}'" in str(err.value) and expected in str(err.value)
+
+
+def test_real_checkpoint_configs_validate():
+    from importlib import resources
+
+    for file in (resources.files("vqfast") / "configs").iterdir():
+        if file.name.endswith(".json"):
+            with torch.device("meta"):
+                vqfast.VQModel.from_config(json.loads(file.read_text()))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .atomic import write_atomically
+from .config import validate_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -64,6 +65,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise OSError(f"could not read the config file {file}: {e}") from e
     if not isinstance(config, dict):
         raise ValueError(f"config file {file} must hold a JSON object, got {type(config).__name__}")
+    validate_config({k: v for k, v in config.items() if not k.startswith("_")}, str(file))  # names the file
     return config
 
 
