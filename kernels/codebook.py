@@ -197,3 +197,28 @@ def nearest_code(
         D=D, WRITE_ZQ=write_zq, ACC=tl.float64 if acc == torch.float64 else tl.float32, **cfg,
     )
     return indices, z_q, partial.sum() if write_zq else None
+
+
+#: Rows of z in the benchmark case behind each static estimate (a 512x512 MoVQ image has 4096
+#: latent vectors; 16 images).
+BENCH_ROWS = 65536
+
+
+def aot_launches() -> list[dict]:
+    """The launches of aot_cases() for kernels/aot.py: compile spec, what one hot-loop trip
+    covers, and the benchmark case's items and bytes."""
+    out = []
+    for dtype, D, K, write_zq in aot_cases():
+        signature, constexprs, num_warps = compile_spec(dtype, dtype, D, K, write_zq)
+        acc_bytes = 8 if dtype == torch.float64 else 4
+        elt = torch.empty((), dtype=dtype).element_size()
+        N = BENCH_ROWS
+        out.append(dict(
+            kernel=nearest_code_kernel, case=dict(dtype=dtype, D=D, K=K, N=N, write_zq=write_zq),
+            signature=signature, constexprs=constexprs, num_warps=num_warps,
+            divisible=tuple(n for n, t in signature.items() if isinstance(t, torch.dtype)),
+            items_per_iteration=constexprs["BLOCK_N"] * constexprs["BLOCK_K"],
+            inner_trips=triton.cdiv(D, constexprs["BLOCK_D"]) if constexprs["USE_DOT"] else D,
+            items=N * K, bytes=N * D * elt * (2 if write_zq else 1) + N * 8 + K * D * acc_bytes,
+        ))
+    return out

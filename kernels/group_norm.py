@@ -237,3 +237,19 @@ def compile_spec(dtype: torch.dtype, B: int, C: int, G: int, P: int, spatial: bo
                        SPATIAL=spatial, SILU=True, **cfg)
     return [(group_stats_kernel, stats_sig, dict(CG=C // G, **cfg), num_warps),
             (group_apply_kernel, apply_sig, apply_const, num_warps)]
+
+
+def aot_launches() -> list[dict]:
+    """The launches of aot_cases() for kernels/aot.py (NCHW-contiguous inputs)."""
+    out = []
+    for dtype, B, C, G, P, spatial in aot_cases():
+        cfg = launch_config(B, G, C // G, P)
+        numel, elt = B * C * P, torch.empty((), dtype=dtype).element_size()
+        case = dict(dtype=dtype, layout="nchw", B=B, C=C, G=G, HW=P, spatial=spatial)
+        for i, (kernel, signature, constexprs, num_warps) in enumerate(compile_spec(dtype, B, C, G, P, spatial)):
+            out.append(dict(kernel=kernel, case=case, signature=signature, constexprs=constexprs, num_warps=num_warps,
+                            divisible=tuple(n for n, t in signature.items() if isinstance(t, torch.dtype)),
+                            items_per_iteration=cfg["BLOCK_P"] * cfg["BLOCK_C"],
+                            inner_trips=triton.cdiv(C // G, cfg["BLOCK_C"]), items=numel,
+                            bytes=numel * elt * (1 if i == 0 else 2)))
+    return out

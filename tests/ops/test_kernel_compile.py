@@ -21,7 +21,7 @@ def compiled():
     env = dict(os.environ, TRITON_INTERPRET="0")
     out = subprocess.run([sys.executable, "-m", "vqfast.kernels.aot"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_every_launch_configuration_is_covered(compiled):
@@ -43,3 +43,50 @@ def test_no_spills(compiled, arch):
     for r in rows:
         assert r["local"] == 0 and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["registers"] <= 255, r
+
+
+REQUIRED = {"kernel", "dtype", "arch", "registers", "spill_stores", "spill_loads", "loop_instructions_per_item",
+            "loop_shuffles", "loop_barriers", "global_load_bits", "global_store_bits", "estimate_us_h200"}
+
+
+def test_report_rows_carry_the_static_cost(compiled):
+    for r in compiled:
+        assert REQUIRED <= set(r), r
+        assert r["loop_instructions_per_item"] > 0 and r["estimate_us_h200"] >= 0, r
+    assert {r["arch"] for r in compiled} == {"sm_80", "sm_90"}
+    assert all({"D", "K", "N"} <= set(r) for r in compiled if r["kernel"] == "nearest_code")
+    assert all({"layout", "B", "C", "G", "HW", "spatial"} <= set(r) for r in compiled if r["kernel"] != "nearest_code")
+
+
+SASS = """
+        Function : k
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.U16.CONSTANT R8, desc[UR4][R2.64+0x10] ;
+        /*0030*/                   FFMA R9, R4, R5, R9 ;
+        /*0040*/               @P0 BRA 0x30 ;
+        /*0050*/                   SHFL.BFLY PT, R5, R4, 0x10, 0x1f ;
+        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0070*/                   STG.E.64.LTC128B desc[UR4][R2.64], R4 ;
+        /*0080*/              @!P1 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   BRA 0xa0;
+"""
+
+
+def test_sass_reader_counts_the_hot_loop():
+    """The reader behind every budget: a loop at 0x10-0x80 holding an inner loop of 2
+    instructions (0x30-0x40), run 5 times; the pad branch at the end is no loop."""
+    from vqfast.kernels import aot
+
+    instrs = aot.parse_sass(SASS)
+    assert len(instrs) == 11 and instrs[4][1] == "BRA"
+    assert sorted(aot.loops(instrs)) == [(1, 8), (3, 4)]
+    loop = aot.hot_loop(instrs, inner_trips=5)
+    assert loop["instructions"] == 8 - 2 + 5 * 2
+    assert (loop["shuffles"], loop["barriers"]) == (1, 1)
+    assert loop["load_bits"] == [16, 128] and loop["store_bits"] == [64]  # .LTC128B is a cache hint
+    with pytest.raises(ValueError, match="inner trip count"):
+        aot.hot_loop(instrs, inner_trips=None)
+    assert aot.estimate_us(10.0, 32 * 132 * 4 * 1980, 0) == pytest.approx(10.0)  # 10 us of issue
+    assert aot.estimate_us(0.0, 1, 43_000_000) == pytest.approx(10.0)  # 43 MB at 4.3 TB/s
