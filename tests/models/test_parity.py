@@ -142,12 +142,13 @@ def test_training_step_gradients_match(config_name):
     assert checked > 10
 
 
-def test_outputs_index_and_unpack_like_tuples():
+def test_outputs_index_like_diffusers_base_output():
     theirs, ours = make_pair("default")
     with torch.no_grad():
         out = ours(images(1))
         enc = ours.encode(images(1))
-    sample, loss = out
+    sample, loss = out.to_tuple()
+    assert isinstance(out, dict) and list(out) == ["sample", "commit_loss"]  # dicts iterate over keys
     assert out[0] is sample is out["sample"] is out.sample
     assert out[1] is loss and out[-1] is loss and len(out) == 2
     assert out.to_tuple() == (sample, loss)

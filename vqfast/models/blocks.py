@@ -83,13 +83,29 @@ class MidBlock(nn.Module):
         return self.resnets[1](x, zq)
 
 
+class _Checkpointed(nn.Module):
+    """A tower whose blocks can be recomputed in the backward pass (gradient checkpointing).
+
+    ``gradient_checkpointing`` and ``_gradient_checkpointing_func`` are diffusers' names: its
+    ModelMixin and VQModel.enable_gradient_checkpointing set them on every module that has them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    def _run(self, block: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+
 def _check_types(kind: str, given, allowed: tuple[str, ...]) -> None:
     for t in given:
         if t not in allowed:
             raise ValueError(f"{kind} contains {t!r}; allowed block types are {list(allowed)}")
 
 
-class Encoder(nn.Module):
+class Encoder(_Checkpointed):
     def __init__(
         self,
         in_channels: int,
@@ -124,13 +140,13 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
         for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
+            x = self._run(block, x)
+        x = self._run(self.mid_block, x)
         x = norm_act(self.conv_norm_out, x, None, self.conv_act)
         return self.conv_out(x)
 
 
-class Decoder(nn.Module):
+class Decoder(_Checkpointed):
     def __init__(
         self,
         in_channels: int,
@@ -171,8 +187,8 @@ class Decoder(nn.Module):
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
         x = self.conv_in(x)
-        x = self.mid_block(x, zq)
+        x = self._run(self.mid_block, x, zq)
         for block in self.up_blocks:
-            x = block(x, zq)
+            x = self._run(block, x, zq)
         x = norm_act(self.conv_norm_out, x, zq, self.conv_act)
         return self.conv_out(x)

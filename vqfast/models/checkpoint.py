@@ -9,7 +9,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,6 +18,9 @@ from .config import validate_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
+INDEX_SUFFIX = ".index.json"
+#: diffusers' default largest shard (decimal gigabytes, as diffusers counts them).
+DEFAULT_MAX_SHARD_SIZE = "10GB"
 #: The diffusers release whose VQModel folder format this mirrors (and is tested against).
 DIFFUSERS_FORMAT_VERSION = "0.42.1"
 
@@ -69,28 +72,106 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def weights_file(folder: Path, variant: str | None, use_safetensors: bool | None) -> Path:
-    """The weights file to read: safetensors first, the .bin fallback unless told otherwise."""
-    stem = f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+#: KB/MB/GB/TB are decimal (as in diffusers' max_shard_size="10GB"); KiB/MiB/GiB/TiB binary.
+_UNITS = {"": 1, "b": 1} | {
+    f"{p}{s}": base**power
+    for power, p in enumerate("kmgt", start=1)
+    for s, base in (("b", 1000), ("ib", 1024))
+}
+
+
+def parse_size(name: str, value: int | str) -> int:
+    """Bytes from an int or a string such as "10GB", "500KB", "2GiB" (``name`` is the argument)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name} must be a number of bytes or a string such as '10GB' or '2GiB', got {value!r}")
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        scale = _UNITS.get(m.group(2).lower()) if m else None
+        if scale is None:
+            raise ValueError(
+                f"{name} must be a number of bytes or a string such as '10GB', '500KB' or '2GiB', got {value!r}"
+            )
+        value = int(float(m.group(1)) * scale)
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1 byte, got {value}")
+    return value
+
+
+def _stem(variant: str | None) -> str:
+    return f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
+
+
+def weights_files(folder: Path, variant: str | None, use_safetensors: bool | None) -> list[Path]:
+    """The weights to read, in the order diffusers looks for them: one safetensors file, a sharded
+    safetensors checkpoint (``*.safetensors.index.json``), then the same for ``.bin`` (unless
+    ``use_safetensors`` says otherwise). A sharded checkpoint gives its shards, in index order."""
     suffixes = {True: [".safetensors"], False: [".bin"], None: [".safetensors", ".bin"]}[use_safetensors]
-    candidates = [folder / f"{stem}{s}" for s in suffixes]
-    for file in candidates:
-        if file.is_file():
-            return file
+    stem = _stem(variant)
+    looked = []
+    for suffix in suffixes:
+        single, index = folder / f"{stem}{suffix}", folder / f"{stem}{suffix}{INDEX_SUFFIX}"
+        looked += [single.name, index.name]
+        if single.is_file():
+            return [single]
+        if index.is_file():
+            return _shards(index)
+    others = sorted(p.name for p in folder.glob(f"{WEIGHTS_STEM}*") if p.is_file())
     raise FileNotFoundError(
-        f"no weights file in {folder}: looked for {', '.join(c.name for c in candidates)}"
+        f"Error no file named {stem}{suffixes[-1]} found in directory {folder} "
+        f"(variant={variant!r}, use_safetensors={use_safetensors!r}; looked for {', '.join(looked)}; "
+        f"weights files present: {others or 'none'})"
     )
 
 
-def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file, or from a .bin file through torch.load(weights_only=True)."""
+def _shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise OSError(f"could not read the shard index {index}: it must be JSON with a 'weight_map' object ({e!r})") from e
+    shards = [index.parent / name for name in files]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the shard index {index} lists files that are not in {index.parent}: {missing}")
+    return shards
+
+
+def read_state_dict(
+    files: list[Path],
+    device: torch.device | str = "cpu",
+    dtype_for: Callable[[str, torch.dtype], torch.dtype] | None = None,
+    mmap: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Tensors from .safetensors files, or .bin files through torch.load(weights_only=True), on
+    ``device``; each floating tensor is cast to ``dtype_for(name, dtype)`` as it is read, so at most
+    one tensor exists in two dtypes at a time. ``mmap=False`` reads each file into memory first."""
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        part = _read_one(file, device, mmap)
+        if dtype_for is not None:
+            for name in list(part):
+                if part[name].is_floating_point():
+                    part[name] = part[name].to(dtype_for(name, part[name].dtype))
+        duplicated = sorted(set(part) & set(state))
+        if duplicated:
+            raise OSError(f"the weights file {file} repeats tensors of an earlier shard: {duplicated[:5]}")
+        state.update(part)
+    return state
+
+
+def _read_one(file: Path, device: torch.device | str, mmap: bool) -> dict[str, torch.Tensor]:
+    device = str(device)
     try:
         if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            import safetensors.torch
 
-            state = load_file(str(file), device="cpu")
+            if mmap:
+                state = safetensors.torch.load_file(str(file), device=device)
+            else:
+                state = {k: v.to(device) for k, v in safetensors.torch.load(file.read_bytes()).items()}
         else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = torch.load(file, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # safetensors, pickle and zip errors share no base class
         raise OSError(f"could not read the weights file {file} (truncated or corrupt?): {e}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -137,17 +218,80 @@ def write_folder(
     state: dict[str, torch.Tensor],
     safe_serialization: bool,
     variant: str | None,
-) -> None:
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> list[Path]:
+    """config.json plus the weights: one file, or shards of at most ``max_shard_size`` bytes each
+    (a tensor larger than that gets a shard of its own) with the index diffusers reads. Weights
+    files of the same variant and format that an earlier save left (other shard counts, a stale
+    index or single file) are removed, so the folder holds one checkpoint. Returns the files written."""
+    limit = parse_size("max_shard_size", max_shard_size)
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"_class_name": "VQModel", "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
     payload.update({k: list(v) if isinstance(v, tuple) else v for k, v in config.items()})
     text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    stem = f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
-    if safe_serialization:
-        from safetensors.torch import save_file
+    suffix = ".safetensors" if safe_serialization else ".bin"
+    stem = _stem(variant)
+    groups = _split(tensors, limit)
+    names = (
+        [f"{stem}{suffix}"] if len(groups) == 1
+        else [f"{stem}-{i:05d}-of-{len(groups):05d}{suffix}" for i in range(1, len(groups) + 1)]
+    )
+    written = []
+    for name, keys in zip(names, groups):
+        part = {k: tensors[k] for k in keys}
+        if safe_serialization:
+            from safetensors.torch import save_file
 
-        write_atomically(folder / f"{stem}.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    else:
-        write_atomically(folder / f"{stem}.bin", lambda p: torch.save(tensors, p))
+            write_atomically(folder / name, lambda p, part=part: save_file(part, p, metadata={"format": "pt"}))
+        else:
+            write_atomically(folder / name, lambda p, part=part: torch.save(part, p))
+        written.append(folder / name)
+    if len(groups) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {k: name for name, keys in zip(names, groups) for k in keys},
+        }
+        index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        index_file = folder / f"{stem}{suffix}{INDEX_SUFFIX}"
+        write_atomically(index_file, lambda p: Path(p).write_text(index_text))
+        written.append(index_file)
     write_atomically(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    _remove_other_checkpoints(folder, stem, suffix, {p.name for p in written})
+    return written + [folder / CONFIG_NAME]
+
+
+def _split(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    """Tensor names grouped into shards in state-dict order, each shard at most ``limit`` bytes
+    unless a single tensor is larger (huggingface_hub's rule, so shard counts match diffusers')."""
+    groups: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if n > limit:
+            groups.append([name])
+            continue
+        if size + n > limit:
+            groups.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += n
+    if current or not groups:
+        groups.append(current)
+    return groups
+
+
+_SHARD = re.compile(r"^-\d{5}-of-\d{5}$")
+
+
+def _remove_other_checkpoints(folder: Path, stem: str, suffix: str, keep: set[str]) -> None:
+    for path in folder.iterdir():
+        name = path.name
+        if name in keep or not path.is_file() or not name.startswith(stem):
+            continue
+        rest = name[len(stem):]
+        if rest in (suffix, f"{suffix}{INDEX_SUFFIX}") or (
+            rest.endswith(suffix) and _SHARD.match(rest[: -len(suffix)])
+        ):
+            path.unlink()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -33,6 +38,14 @@ class VQModel(nn.Module):
     """
 
     config_name = ckpt.CONFIG_NAME
+    # diffusers' ModelMixin class attributes, with VQModel's values where diffusers sets them.
+    _supports_gradient_checkpointing = True
+    #: Module names whose floating weights from_pretrained keeps in float32 whatever torch_dtype
+    #: says (a list, or one name as a str); none for the VQ-VAE, as in diffusers. Subclasses may set it.
+    _keep_in_fp32_modules: list[str] | str | None = None
+    #: None as in diffusers: vqfast keeps the whole model on one device, so no module is split.
+    _no_split_modules: list[str] | None = None
+    _skip_layerwise_casting_patterns = ["quantize"]
 
     def __init__(
         self,
@@ -71,6 +84,29 @@ class VQModel(nn.Module):
             latent_channels, out_channels, up_block_types, block_out_channels, layers_per_block,
             norm_num_groups, act_fn, norm_type, mid_block_add_attention,
         )
+        self.use_slicing = False
+        self.slicing_max_memory: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # parameters, buffers and submodules first (nn.Module keeps them outside __dict__)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        config = self.__dict__.get("_config")
+        if config is not None and name in config:
+            warnings.warn(
+                f"Accessing config attribute `{name}` directly via '{type(self).__name__}' object attribute "
+                f"is deprecated (as in diffusers); read model.config.{name} instead.",
+                FutureWarning, stacklevel=2,
+            )
+            return config[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def register_to_config(self, **kwargs: Any) -> None:
+        """Add or replace config entries (diffusers' ConfigMixin.register_to_config); they are
+        written by save_pretrained. Entries that the constructor takes do not rebuild the model."""
+        object.__setattr__(self, "_config", FrozenConfig({**self.config, **kwargs}))
 
     @property
     def config(self) -> FrozenConfig:
@@ -99,12 +135,79 @@ class VQModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    # ---------------------------------------------------------------- training and memory
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable | None = None) -> None:
+        """Recompute the encoder's and decoder's blocks in the backward pass instead of keeping
+        their activations (``torch.utils.checkpoint``, non-reentrant unless a function is given).
+        Gradients are those of the plain run; only memory and time change."""
+        func = gradient_checkpointing_func or functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module._gradient_checkpointing_func = func
+                module.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def enable_slicing(self, max_memory: int | str | None = None) -> None:
+        """Run encode and decode (and forward) over a batch in slices: one image at a time, or as
+        many images as fit in ``max_memory`` bytes of activations ("2GiB", "500MB", an int)
+        by the estimate of :meth:`activation_bytes`. Outputs equal the unsliced call's: each image
+        goes through the same ops, and the quantizer (whose commit loss averages over the whole
+        batch) still sees the whole batch of latents."""
+        self.slicing_max_memory = None if max_memory is None else ckpt.parse_size("max_memory", max_memory)
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def activation_bytes(self, kind: str, height: int, width: int, dtype: torch.dtype | None = None) -> int:
+        """An upper estimate of the working memory one image adds to ``kind`` ("encode" or
+        "decode") at an image size of height x width: eight tensors of the widest full-resolution
+        activation (``max(block_out_channels[:2])`` channels; the decoder's last upsample writes
+        ``block_out_channels[1]`` of them at full size), which covers the input and output of a
+        convolution, the norm's temporaries and the convolution's scratch memory."""
+        if kind not in ("encode", "decode"):
+            raise ValueError(f"kind must be 'encode' or 'decode', got {kind!r}")
+        itemsize = (dtype or self.dtype).itemsize
+        widest = max(self.config.block_out_channels[:2])
+        return 8 * widest * height * width * itemsize
+
+    def _slice_size(self, kind: str, x: torch.Tensor, factor: int) -> int:
+        if self.slicing_max_memory is None:
+            return 1
+        per_image = self.activation_bytes(kind, x.shape[2] * factor, x.shape[3] * factor, x.dtype)
+        return max(1, self.slicing_max_memory // per_image)
+
+    def _sliced(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: int) -> torch.Tensor:
+        """run(x) computed n images at a time into one preallocated output (no concatenation copy)."""
+        if not self.use_slicing or x.shape[0] <= n:
+            return run(x)
+        out = None
+        for start in range(0, x.shape[0], n):
+            y = run(x[start : start + n])
+            if out is None:
+                channels_last = y.dim() == 4 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+                out = torch.empty(
+                    (x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device,
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+                )
+            out[start : start + y.shape[0]] = y
+        return out
+
     # ---------------------------------------------------------------- forward passes
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> VQEncoderOutput | tuple[torch.Tensor]:
         """x: (B, in_channels, H, W) floating -> latents (B, vq_embed_dim, H/f, W/f), not quantized."""
         _check_images("x", x, self.config.in_channels)
-        h = self.quant_conv(self.encoder(x))
+        h = self._sliced(lambda part: self.quant_conv(self.encoder(part)), x, self._slice_size("encode", x, 1))
         return VQEncoderOutput(latents=h) if return_dict else (h,)
 
     def decode(
@@ -134,7 +237,12 @@ class VQModel(nn.Module):
             _check_images("h", h, D)
             quant = h
             commit_loss = torch.zeros(h.shape[0], device=h.device, dtype=h.dtype)
-        dec = self.decoder(self.post_quant_conv(quant), quant if self.config.norm_type == "spatial" else None)
+        spatial = self.config.norm_type == "spatial"
+        factor = 2 ** (len(self.config.block_out_channels) - 1)
+        dec = self._sliced(
+            lambda q: self.decoder(self.post_quant_conv(q), q if spatial else None),
+            quant, self._slice_size("decode", quant, factor),
+        )
         return DecoderOutput(sample=dec, commit_loss=commit_loss) if return_dict else (dec, commit_loss)
 
     def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
@@ -146,9 +254,19 @@ class VQModel(nn.Module):
     # ---------------------------------------------------------------- checkpoints
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "VQModel":
-        """A model with fresh weights from a config dict (diffusers' bookkeeping keys are ignored)."""
-        return cls(**init_args_from_config(cls.__init__, dict(config), cls.__name__))
+    def from_config(cls, config: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """A model with fresh weights from a config dict; ``kwargs`` override its entries, as in
+        diffusers. diffusers' bookkeeping keys ("_class_name", ...) are ignored; other keys the
+        constructor does not know are dropped with a warning (or returned with
+        ``return_unused_kwargs=True``, as ``(model, unused)``)."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict (such as model.config), got {type(config).__name__}")
+        merged = {**config, **kwargs}
+        model = cls(**init_args_from_config(cls.__init__, merged, cls.__name__))
+        if return_unused_kwargs:
+            used = set(inspect.signature(cls.__init__).parameters)
+            return model, {k: v for k, v in kwargs.items() if k not in used}
+        return model
 
     @classmethod
     def from_pretrained(
@@ -157,41 +275,139 @@ class VQModel(nn.Module):
         subfolder: str | None = None,
         torch_dtype: torch.dtype | None = None,
         *,
+        dtype: torch.dtype | None = None,
         variant: str | None = None,
         use_safetensors: bool | None = None,
+        low_cpu_mem_usage: bool | None = None,
+        device_map: str | int | torch.device | dict[str, Any] | None = None,
+        output_loading_info: bool = False,
+        disable_mmap: bool = False,
+        max_memory: dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
+        offload_state_dict: bool | None = None,
+        ignore_mismatched_sizes: bool = False,
+        use_flashpack: bool = False,
+        quantization_config: Any = None,
         **hub_kwargs: Any,
-    ) -> "VQModel":
-        """Load a diffusers-format folder: config.json plus diffusion_pytorch_model.safetensors
-        (or the .bin fallback, read with torch.load(weights_only=True)).
+    ):
+        """Load a diffusers-format folder: config.json plus ``diffusion_pytorch_model.safetensors``,
+        a sharded ``*.safetensors.index.json`` checkpoint, or the ``.bin`` forms of both (read with
+        ``torch.load(weights_only=True)``). Returns the model in eval mode.
 
-        A hub repo id ("owner/name") is downloaded through huggingface_hub when installed;
-        ``hub_kwargs`` (revision, cache_dir, token, local_files_only, ...) go to it.
-        Returns the model in eval mode, in ``torch_dtype`` when given (else float32).
+        - ``torch_dtype`` (or its alias ``dtype``): floating parameters are cast as they are read
+          (float32 when not given); modules named in ``_keep_in_fp32_modules`` stay float32.
+        - ``low_cpu_mem_usage`` (default True): build the model on the meta device and adopt the
+          read tensors as its parameters: no random initialisation and one copy of the weights.
+          False initialises a full model first and copies the weights into it (slower, twice the memory).
+        - ``device_map``: a device ("cpu", "cuda:1", 0, torch.device) or ``{"": device}`` reads the
+          weights straight onto it; "auto" is the first CUDA device when there is one, else the CPU.
+          vqfast puts the whole model on one device: splitting it is refused.
+        - ``output_loading_info=True`` returns ``(model, info)`` with diffusers' keys; since every
+          weight must load (anything else raises), its lists are empty.
+        - ``variant``, ``use_safetensors``, ``subfolder`` as in diffusers; ``disable_mmap`` reads
+          each file into memory instead of mapping it.
+        - a hub repo id ("owner/name") is downloaded through huggingface_hub when installed, with
+          ``revision``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download``,
+          ``proxies``. For a local folder these are accepted and have nothing to do (as in diffusers).
+        ``max_memory``, ``offload_folder``, ``offload_state_dict``, ``ignore_mismatched_sizes``,
+        ``use_flashpack`` and ``quantization_config`` are accepted at their defaults (diffusers'
+        pipelines pass them) and refused otherwise. Any other argument raises TypeError.
         """
+        unknown = sorted(set(hub_kwargs) - HUB_ARGUMENTS)
+        if unknown:
+            raise TypeError(
+                f"from_pretrained got unexpected keyword arguments {unknown}; "
+                f"it takes the hub arguments {sorted(HUB_ARGUMENTS)} besides those in its signature"
+            )
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"torch_dtype={torch_dtype} and its alias dtype={dtype} disagree; pass one of them")
+        torch_dtype = torch_dtype if torch_dtype is not None else dtype
         if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
             raise TypeError(f"torch_dtype must be a floating torch.dtype such as torch.float16, got {torch_dtype!r}")
-        if hub_kwargs and Path(pretrained_model_name_or_path).exists():
-            raise TypeError(f"from_pretrained got unexpected arguments for a local folder: {sorted(hub_kwargs)}")
+        _refuse_unsupported(
+            max_memory=(max_memory, None), offload_folder=(offload_folder, None),
+            offload_state_dict=(offload_state_dict, (None, False)), ignore_mismatched_sizes=(ignore_mismatched_sizes, False),
+            use_flashpack=(use_flashpack, False), quantization_config=(quantization_config, None),
+        )
+        device = _device_from_map(device_map)
+        if low_cpu_mem_usage is None:
+            low_cpu_mem_usage = True
+        elif not low_cpu_mem_usage and device_map is not None:
+            raise ValueError(f"device_map={device_map!r} needs low_cpu_mem_usage=True (the default), got False")
+        if Path(pretrained_model_name_or_path).exists():
+            ignored = {k: v for k, v in hub_kwargs.items() if k in ("revision", "force_download") and v}
+            if ignored:
+                warnings.warn(
+                    f"{', '.join(f'{k}={v!r}' for k, v in ignored.items())} does nothing for the local folder "
+                    f"{pretrained_model_name_or_path}: it is loaded as it is",
+                    UserWarning, stacklevel=2,
+                )
+            hub_kwargs = {}
         folder = ckpt.resolve_folder(pretrained_model_name_or_path, subfolder, hub_kwargs)
         config = ckpt.read_config(folder)
-        file = ckpt.weights_file(folder, variant, use_safetensors)
-        state = ckpt.read_state_dict(file)
-        with torch.device("meta"):
+        files = ckpt.weights_files(folder, variant, use_safetensors)
+        keep = _as_list(cls._keep_in_fp32_modules)
+        target = torch_dtype or torch.float32
+
+        def dtype_for(name: str, _: torch.dtype) -> torch.dtype:
+            return torch.float32 if keep and set(name.split(".")) & set(keep) else target
+
+        state = ckpt.read_state_dict(
+            files, device if low_cpu_mem_usage else "cpu", dtype_for, mmap=not disable_mmap
+        )
+        source = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
+        if low_cpu_mem_usage:
+            with torch.device("meta"):
+                model = cls.from_config(config)
+        else:
             model = cls.from_config(config)
         state = ckpt.rename_deprecated_attention(
             state, [name for name, m in model.named_modules() if isinstance(m, Attention)]
         )
-        ckpt.check_state_dict(model.state_dict(), state, str(file))
-        model.load_state_dict(state, strict=True, assign=True)
+        ckpt.check_state_dict(model.state_dict(), state, source)
+        if low_cpu_mem_usage:
+            model.load_state_dict(state, strict=True, assign=True)
+        else:
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if t.is_floating_point():
+                    t.data = t.data.to(dtype_for(name, t.dtype))
+            model.load_state_dict(state, strict=True)
+            model.to(device)
+        del state
         object.__setattr__(model, "_config", FrozenConfig({**model.config, "_name_or_path": str(pretrained_model_name_or_path)}))
-        return model.to(torch_dtype or torch.float32).eval()
+        model.eval()
+        if output_loading_info:
+            info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+            return model, info
+        return model
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        save_function: Any = None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = ckpt.DEFAULT_MAX_SHARD_SIZE,
+        push_to_hub: bool = False,
+        **kwargs: Any,
     ) -> None:
-        """Write config.json and the weights so that diffusers.VQModel.from_pretrained loads them."""
+        """Write config.json and the weights so that diffusers.VQModel.from_pretrained loads them:
+        one file, or shards of at most ``max_shard_size`` ("10GB", "500MB", an int of bytes) with a
+        ``*.index.json``. ``safe_serialization=False`` writes ``.bin``; ``variant`` names the files
+        ``diffusion_pytorch_model.<variant>.*``. ``is_main_process=False`` writes nothing (the other
+        ranks of a distributed run). Every file is written under a temporary name and renamed.
+        ``save_function`` and ``push_to_hub`` are diffusers' and are refused unless left at their
+        defaults (use huggingface_hub's upload_folder on the saved folder); other arguments raise TypeError."""
+        if kwargs:
+            raise TypeError(f"save_pretrained got unexpected keyword arguments {sorted(kwargs)}")
+        _refuse_unsupported(save_function=(save_function, None), push_to_hub=(push_to_hub, False))
+        if Path(save_directory).is_file():
+            raise NotADirectoryError(f"save_directory must be a folder, got the file {save_directory}")
+        if not is_main_process:
+            return
         config = {k: v for k, v in self.config.items() if not k.startswith("_")}
-        ckpt.write_folder(Path(save_directory), config, self.state_dict(), safe_serialization, variant)
+        ckpt.write_folder(Path(save_directory), config, self.state_dict(), safe_serialization, variant, max_shard_size)
 
     @classmethod
     def from_diffusers(cls, model: nn.Module) -> "VQModel":
@@ -203,6 +419,52 @@ class VQModel(nn.Module):
         ckpt.check_state_dict(ours.state_dict(), state, type(model).__name__)
         ours.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
         return ours.to(device=param.device, dtype=param.dtype).train(model.training)
+
+
+#: Arguments of from_pretrained that only matter for a hub repo id (passed to snapshot_download).
+HUB_ARGUMENTS = frozenset({"revision", "cache_dir", "local_files_only", "token", "force_download", "proxies"})
+
+
+def _refuse_unsupported(**given: tuple[Any, Any]) -> None:
+    """Each argument name -> (value, accepted default or tuple of them): raise naming the first
+    that differs."""
+    for name, (value, default) in given.items():
+        allowed = default if isinstance(default, tuple) else (default,)
+        if not any(value is a or (a is not None and not isinstance(value, torch.Tensor) and value == a) for a in allowed):
+            raise ValueError(
+                f"{name}={value!r} is not supported by vqfast (it keeps the whole model on one device "
+                f"in one dtype); leave it at {' or '.join(repr(a) for a in allowed)}"
+            )
+
+
+def _device_from_map(device_map: Any) -> torch.device:
+    """The one device a device_map names: a device, an int (CUDA index), {"": device} or "auto"."""
+    if device_map is None:
+        return torch.device("cpu")
+    if device_map == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(
+                f"device_map must put the whole model on one device ({{'': device}}), "
+                f"got a map over {sorted(device_map)[:5]}"
+            )
+        device_map = device_map[""]
+    if isinstance(device_map, bool) or (isinstance(device_map, int) and device_map < 0):
+        raise ValueError(f"device_map must be a device, a CUDA index >= 0, {{'': device}} or 'auto', got {device_map!r}")
+    try:
+        return torch.device("cuda", device_map) if isinstance(device_map, int) else torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device_map must be a device such as 'cpu' or 'cuda:0', a CUDA index, {{'': device}} or 'auto' "
+            f"('balanced' and 'sequential' split a model over devices, which vqfast does not), got {device_map!r}"
+        ) from None
+
+
+def _as_list(modules: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    if modules is None:
+        return []
+    return [modules] if isinstance(modules, str) else list(modules)
 
 
 # -------------------------------------------------------------------- argument checks
