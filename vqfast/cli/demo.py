@@ -18,13 +18,16 @@ import torch
 
 from .. import VQModel, backend_info, set_backend
 from ..ops.dispatch import triton_problem
+from .images import DEFAULT_MAX_PIXELS
+from .main import UsageError
+from .sharding import parse_device
 from .train import psnr
 
 #: Larger inputs are scaled down first: the eager CPU path takes seconds per megapixel.
 MAX_SIDE = 512
 
 
-class DemoError(Exception):
+class DemoError(UsageError):
     """A bad argument: printed as one line, exit code 2."""
 
 
@@ -42,6 +45,9 @@ def load_model(model: str | None, subfolder: str | None, device: torch.device) -
     except (OSError, ValueError, TypeError, ImportError) as e:  # FileNotFoundError is an OSError
         raise DemoError(f"{label}: expected a diffusers-format VQModel folder (config.json "
                         f"and diffusion_pytorch_model.safetensors): {e}") from None
+    from .tokens import check_finite
+
+    check_finite(vq, label)
     c = vq.config
     if c.in_channels != 3 or c.out_channels != 3:
         raise DemoError(f"{label}: the demo needs RGB in and out (3 channels), got "
@@ -55,10 +61,14 @@ def load_image(path: str | None, factor: int, max_side: int) -> tuple[torch.Tens
     from PIL import Image, UnidentifiedImageError
 
     file = image_file(path)
+    Image.MAX_IMAGE_PIXELS = None  # replaced by the DEFAULT_MAX_PIXELS check on the header below
     try:
         with Image.open(file) as im:
+            if im.width * im.height > DEFAULT_MAX_PIXELS:
+                raise DemoError(f"--image {str(file)!r}: {im.width}x{im.height} pixels, more than the demo reads "
+                                f"({DEFAULT_MAX_PIXELS} = 8192 x 8192): expected a smaller image")
             img = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DemoError(f"--image {str(file)!r}: not an image Pillow can read ({e})") from None
     if max_side and max(img.size) > max_side:
         scale = max_side / max(img.size)
@@ -199,11 +209,9 @@ def report_agreement(vq: VQModel, theirs, latents: torch.Tensor, ids: torch.Tens
 
 def demo(args: argparse.Namespace) -> None:
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise DemoError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DemoError(f"--device {args.device!r}: CUDA is not available here (expected cpu)")
+        device = parse_device(args.device)
+    except ValueError as e:
+        raise DemoError(str(e)) from None
     if not Path(args.out).resolve().parent.is_dir():
         raise DemoError(f"--out {args.out!r}: its folder does not exist (expected a path in an existing folder)")
     if args.max_side < 0:

@@ -6,17 +6,30 @@
   it is the unit of sharding and resume. The same file given twice counts once; two files with
   the same name, or whose names differ only by extension (they would decode to the same PNG), are
   refused.
-- Reading applies the EXIF orientation, converts to RGB (dropping any alpha channel) and, with ``size``, resizes the shorter side
-  to ``size`` (bicubic) and crops the centre to ``size`` x ``size``. Pixels become float32 in
-  [-1, 1]: ``x / 127.5 - 1``.
+- A *scan* reads each file's bytes once: their SHA-256 (what resume compares, so a rerun reuses
+  a row only for an image whose content is unchanged) and the header's size, without decoding any
+  pixels. A header of more than ``max_pixels`` pixels (``--max-pixels``, default 8192 x 8192) is
+  skipped by name right there; Pillow's own decompression-bomb limit is replaced by this one.
+- Reading checks the bytes against the scan's hash (a file that changed meanwhile is skipped by
+  name), applies the EXIF orientation and converts to 8-bit RGB, dropping any alpha channel. Modes
+  with more than 8 bits per channel keep their whole range instead of being clipped to white:
+  16-bit ("I;16*") from [0, 65535]; 32-bit integer ("I") from [0, 65535] when every value lies
+  there (16-bit data often arrives in this mode), else from the image's own [min, max]; float
+  ("F") from [0, 1] when every value lies there, else from the image's [min, max] (NaN as the
+  minimum). With ``size`` it then resizes the shorter side to ``size`` (bicubic) and crops the
+  centre to ``size`` x ``size``. Pixels become float32 in [-1, 1]: ``x / 127.5 - 1``.
 - Writing maps [-1, 1] to uint8 as diffusers' image processor does, ``round(clamp(x / 2 + 0.5, 0, 1)
-  * 255)``, and saves a PNG under a temporary name in the same folder, then renames it, so an
-  interrupted run never leaves a torn file under the final name.
+  * 255)``, and saves a PNG under a short temporary name in the same folder, then renames it, so an
+  interrupted run never leaves a torn file under the final name. Each PNG carries a ``vqfast``
+  text chunk (the *stamp*: which token file, row, model and batch size made it), which a rerun
+  compares before treating the PNG as finished.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import io
 import os
 import re
 from collections import deque
@@ -30,6 +43,9 @@ import torch
 from ..models.atomic import write_atomically
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_MAX_PIXELS = 8192 * 8192
+#: The PNG text chunk holding a decoded image's stamp.
+STAMP_KEY = "vqfast"
 
 
 @dataclass(frozen=True)
@@ -105,18 +121,113 @@ def check_unique_outputs(names: list[str]) -> list[PurePosixPath]:
     return paths
 
 
-def load_image(path: Path, size: int | None) -> torch.Tensor:
+@dataclass(frozen=True)
+class Header:
+    """What a scan learns about one input without decoding its pixels: the hash of its bytes
+    ("" when they could not be read), its (width, height) after EXIF orientation (None when the
+    header is unreadable), and why it will be skipped (None when it will be read)."""
+
+    digest: str
+    size: tuple[int, int] | None
+    problem: str | None
+
+
+def digest(data: bytes) -> str:
+    """32 hex digits of the SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _open(data: bytes):
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # the command enforces its own limit (max_pixels) before decoding
+    return Image.open(io.BytesIO(data))
+
+
+def _unreadable(e: Exception) -> str:
+    """Why Pillow could not read an image, without the address of the in-memory buffer."""
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", str(e))
+    return f"not a readable image ({type(e).__name__}: {text})"
+
+
+def _too_large(w: int, h: int, max_pixels: int) -> str | None:
+    if w * h > max_pixels:
+        return f"is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (--max-pixels)"
+    return None
+
+
+def scan(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
+    """Hash the bytes of ``path`` and read its header (no pixels are decoded)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return Header("", None, f"cannot be read ({e.strerror or e})")
+    try:
+        with _open(data) as image:
+            w, h = image.size
+            problem = _too_large(w, h, max_pixels)
+            try:
+                orientation = image.getexif().get(0x0112, 1)
+            except Exception:  # a damaged EXIF block: reading the pixels will say more
+                orientation = 1
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError...
+        return Header(digest(data), None, _unreadable(e))
+    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
+        w, h = h, w
+    return Header(digest(data), (w, h), problem)
+
+
+def _to_rgb(image):
+    """A PIL image of any mode as 8-bit RGB, high-bit-depth modes scaled from their whole range
+    (see the module docstring) rather than clipped."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode not in ("I", "F") and not mode.startswith("I;16"):
+        return image.convert("RGB")
+    if mode == "F":
+        values = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.float32).double()
+        values = torch.nan_to_num(values, nan=float("-inf"))
+        finite = values[values.isfinite()]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
+        values = values.clamp(lo, hi)
+        if 0 <= lo and hi <= 1:
+            lo, hi = 0.0, 1.0
+    else:
+        values = torch.frombuffer(bytearray(image.convert("I").tobytes()), dtype=torch.int32).double()
+        lo, hi = (float(values.min()), float(values.max())) if values.numel() else (0.0, 0.0)
+        if mode.startswith("I;16") or (0 <= lo and hi <= 65535):
+            lo, hi = 0.0, 65535.0
+    scaled = ((values - lo) / max(hi - lo, 1e-30) * 255).round().clamp(0, 255).to(torch.uint8)
+    return Image.frombytes("L", image.size, tensor_bytes(scaled)).convert("RGB")
+
+
+def load_image(path: Path, size: int | None, expected: str | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """(3, H, W) float32 in [-1, 1]; with ``size``, (3, size, size). Raises SkipImage when the file
-    cannot be read as an image."""
+    cannot be read as an image, is over ``max_pixels``, or its bytes no longer hash to
+    ``expected`` (the scan's digest)."""
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise SkipImage(f"cannot be read ({e.strerror or e})") from e
+    if expected is not None and digest(data) != expected:
+        raise SkipImage("changed while this run was reading the inputs (its bytes no longer match the scan "
+                        "at the start); rerun to encode its new content")
+    try:
+        with _open(data) as opened:
+            problem = _too_large(*opened.size, max_pixels)
+            if problem:
+                raise SkipImage(problem)
+            image = _to_rgb(ImageOps.exif_transpose(opened))
         if size is not None:
             image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+    except SkipImage:
+        raise
     except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
-        raise SkipImage(f"not a readable image ({type(e).__name__}: {e})") from e
+        raise SkipImage(_unreadable(e)) from e
     w, h = image.size
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
@@ -134,48 +245,61 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
 
-def save_png(pixels: torch.Tensor, target: Path) -> None:
-    """pixels: (H, W, 3) uint8 -> ``target`` as PNG, written atomically (temporary name, rename)."""
-    from PIL import Image
+def save_png(pixels: torch.Tensor, target: Path, stamp: str | None = None) -> None:
+    """pixels: (H, W, 3) uint8 -> ``target`` as PNG, written atomically (temporary name, rename),
+    with ``stamp`` in its ``vqfast`` text chunk."""
+    from PIL import Image, PngImagePlugin
 
     h, w, _ = pixels.shape
     image = Image.frombytes("RGB", (w, h), tensor_bytes(pixels))
-    write_atomically(target, lambda tmp: image.save(tmp, format="PNG"))
+    info = PngImagePlugin.PngInfo()
+    if stamp is not None:
+        info.add_text(STAMP_KEY, stamp)
+    write_atomically(target, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_stamp(path: Path) -> str | None:
+    """The stamp of a PNG written by ``save_png`` (None when there is none or the file is not a
+    readable PNG); reads the header chunks only."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            stamp = image.info.get(STAMP_KEY)
+    except Exception:  # not an image, unreadable, truncated...
+        return None
+    return stamp if isinstance(stamp, str) else None
 
 
 def stream_batches(
-    items: list[Item],
-    batch_size: int,
+    batches: list[list[Item]],
     load: Callable[[Item], torch.Tensor],
     workers: int,
 ) -> Iterator[tuple[list[Item], torch.Tensor | None, list[tuple[Item, str]]]]:
-    """Read ``items`` in order on ``workers`` threads, at most two batches ahead, and yield
-    (items read, their images stacked (B, 3, H, W) or None, [(item, reason) skipped]) per batch of
-    ``batch_size`` readable images (the last batch may be smaller). Memory: about four batches of
-    float32 pixels, plus one undecoded original per worker."""
-    window = 2 * batch_size
+    """Read the images of ``batches`` in order on ``workers`` threads, at most two batches ahead,
+    and yield per batch (items read, their images stacked (B, 3, H, W) or None, [(item, reason)
+    skipped]). A batch holds exactly its items less those skipped: which images share a batch
+    never depends on timing. Memory: about four batches of float32 pixels, plus one undecoded
+    original per worker."""
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vqfast-read")
     try:
-        queued: deque[tuple[Item, Future]] = deque()
-        todo = iter(items)
-        good: list[tuple[Item, torch.Tensor]] = []
-        skipped: list[tuple[Item, str]] = []
+        queued: deque[list[tuple[Item, Future]]] = deque()
+        todo = iter(batches)
         while True:
-            for item in todo:
-                queued.append((item, pool.submit(load, item)))
-                if len(queued) >= window:
+            while len(queued) < 2:
+                batch = next(todo, None)
+                if batch is None:
                     break
+                queued.append([(item, pool.submit(load, item)) for item in batch])
             if not queued:
                 break
-            item, future = queued.popleft()
-            try:
-                good.append((item, future.result()))
-            except SkipImage as e:
-                skipped.append((item, str(e)))
-            if len(good) == batch_size:
-                yield [i for i, _ in good], torch.stack([x for _, x in good]), skipped
-                good, skipped = [], []
-        if good or skipped:
+            good: list[tuple[Item, torch.Tensor]] = []
+            skipped: list[tuple[Item, str]] = []
+            for item, future in queued.popleft():
+                try:
+                    good.append((item, future.result()))
+                except SkipImage as e:
+                    skipped.append((item, str(e)))
             yield [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, skipped
     finally:  # an interrupted run does not wait for the reads queued ahead
         pool.shutdown(wait=True, cancel_futures=True)

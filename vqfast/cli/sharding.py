@@ -1,9 +1,13 @@
 """Running ``vqfast encode`` / ``vqfast decode`` as several processes (torchrun).
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; with WORLD_SIZE > 1 the command joins a process
-group (NCCL when it runs on CUDA, gloo on CPU), takes ``items[rank::world]`` of the sorted work list
-and runs on ``cuda:LOCAL_RANK``. Each rank writes its own outputs; rank 0 writes the merged result
-after a barrier. Across nodes the output folder must be one shared filesystem, since rank 0 reads
+group (NCCL when it runs on CUDA, gloo on CPU) and runs on ``cuda:LOCAL_RANK``. The work list is
+cut into batches in its global (name) order and rank r takes whole batches r, r + N, r + 2N, ...:
+every batch holds the same images whatever the number of ranks, so N ranks give byte-identical
+results to one process at the same batch size. Each rank writes its own outputs; rank 0 writes
+the merged result after a barrier. One run at a time per output: rank 0 holds a lock file
+(``flock``, which the kernel releases when the process dies, so a killed run never blocks the
+next one) and a second run refuses to start. Across nodes the output folder must be one shared filesystem, since rank 0 reads
 what every rank wrote. The ranks meet only at the end, so the group waits up to 24 hours for the
 slowest rank (torchrun ends them all at once if one fails). Without torchrun (or with
 WORLD_SIZE=1) there is one rank and no process group.
@@ -12,8 +16,13 @@ WORLD_SIZE=1) there is one rank and no process group.
 from __future__ import annotations
 
 import os
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import torch
@@ -41,12 +50,7 @@ class Ranks:
 def start(device: str) -> Ranks:
     """Join torchrun's process group when WORLD_SIZE > 1; device: "cpu", "cuda" or "cuda:N"
     (under torchrun a CUDA device becomes cuda:LOCAL_RANK, one GPU per rank)."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    dev = parse_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -73,9 +77,100 @@ def stop(ranks: Ranks) -> None:
         dist.destroy_process_group()
 
 
+def parse_device(device: str) -> torch.device:
+    """--device as a torch.device: cpu, cuda or cuda:N (an existing GPU); ValueError otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
 def shard(items: Sequence[T], ranks: Ranks) -> list[T]:
-    """This rank's share of a sorted list: every world-th item from position rank."""
+    """This rank's share of a list of batches (or of any work): every world-th entry from
+    position rank."""
     return list(items[ranks.rank :: ranks.world])
+
+
+def batches(items: Sequence[T], size: int) -> list[list[T]]:
+    """``items`` cut into consecutive batches of ``size`` (the last may be shorter)."""
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def all_min(ranks: Ranks, value: int) -> int:
+    """The smallest ``value`` over all ranks (on every rank); also a barrier."""
+    if ranks.world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=ranks.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+class Busy(Exception):
+    """Another run holds the lock of this output."""
+
+
+def _describe_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "a process that is starting"
+    except OSError:
+        return "another process"
+
+
+def _acquire(path: Path) -> int:
+    """An open descriptor holding an exclusive flock on ``path``; Busy when another process has it."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(_describe_holder(path)) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # the holder removed it as we opened it: take the new one
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n".encode())
+            return fd
+        os.close(fd)
+
+
+@contextmanager
+def exclusive(path: Path, ranks: Ranks, what: str) -> Iterator[None]:
+    """Hold the lock file ``path`` (rank 0) while the block runs; ValueError on every rank, naming
+    ``what`` and the process that holds it, when another run has it."""
+    fd, problem = None, ""
+    if ranks.is_main:
+        try:
+            fd = _acquire(path)
+        except Busy as e:
+            problem = str(e)
+        except OSError as e:
+            problem = f"the lock file {path} cannot be created ({e.strerror or e})"
+    try:
+        if all_min(ranks, 0 if problem or (ranks.is_main and fd is None) else 1) == 0:
+            raise ValueError(f"{what} is in use by another vqfast run ({problem or 'see rank 0'}); wait for it "
+                             f"to end or choose another output (lock: {path}; a killed run does not hold it)")
+        yield
+    finally:
+        if fd is not None:
+            Path(path).unlink(missing_ok=True)  # while still held: the next run creates a fresh file
+            os.close(fd)
 
 
 def barrier(ranks: Ranks) -> None:

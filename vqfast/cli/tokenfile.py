@@ -8,12 +8,16 @@ metadata:
 - ``names``: JSON list of the N image names (relative to the inputs, see vqfast.images);
 - ``num_vq_embeddings`` (K), ``grid`` (JSON [h, w]), ``image_size`` (JSON [H, W]);
 - ``model`` (first 16 hex digits of the SHA-256 of the weights), ``dtype`` (the compute dtype),
-  ``resize`` (``--size`` or "none"): with the three above, the *key* of a run. Tokens made under
-  another key are never mixed into a file.
+  ``resize`` (``--size`` or "none"), ``batch_size`` (which images share a batch decides how the
+  convolutions round, so it can change a token in a near tie): with the three above, the *key* of
+  a run. Tokens made under another key are never mixed into a file.
+- ``hashes``: JSON list, per row the hash of the image file's bytes it was made from
+  (vqfast.cli.images.digest): a rerun reuses a row only for an unchanged image.
 
 While encoding, each rank writes its batches to ``<output>.parts/rank{r}-{i:06d}.safetensors``
-(the same format), each atomically; rank 0 merges the parts, and the rows of an earlier output,
-into the output in name order.
+(the same format; a part also lists, in ``skipped``, the images of its batch that could not be
+read, with their hash and why), each atomically; rank 0 merges the parts, and the rows of an
+earlier output, into the output in name order.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ import torch
 from ..models.atomic import write_atomically
 from .images import tensor_bytes
 
-FORMAT = "vqfast.tokens/1"
+FORMAT = "vqfast.tokens/2"
 TENSOR = "tokens"
 _SAFETENSORS_DTYPES = {torch.int16: "I16", torch.int32: "I32"}
+_UNSIGNED = tuple(getattr(torch, f"uint{b}") for b in (8, 16, 32, 64) if hasattr(torch, f"uint{b}"))
 _PART = re.compile(r"^rank(\d+)-(\d+)\.safetensors$")
 
 
@@ -47,15 +52,16 @@ class Key:
     image_size: tuple[int, int]
     dtype: str
     resize: str
+    batch_size: int
 
     def metadata(self) -> dict[str, str]:
         return {k: v if isinstance(v, str) else json.dumps(v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "Key":
-        raw = {k: json.loads(meta[k]) for k in ("num_vq_embeddings", "grid", "image_size")}
+        raw = {k: json.loads(meta[k]) for k in ("num_vq_embeddings", "grid", "image_size", "batch_size")}
         return cls(meta["model"], int(raw["num_vq_embeddings"]), tuple(raw["grid"]), tuple(raw["image_size"]),
-                   meta["dtype"], meta["resize"])
+                   meta["dtype"], meta["resize"], int(raw["batch_size"]))
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -72,8 +78,21 @@ def token_dtype(num_codes: int) -> torch.dtype:
     return torch.int16 if num_codes <= 2**15 else torch.int32
 
 
-def write(path: Path, tokens: torch.Tensor, names: list[str], key: Key) -> None:
-    """tokens: (N, h, w) integer ids -> a token file at ``path``, written atomically.
+@dataclass(frozen=True)
+class Contents:
+    """What a token file written by ``write`` says: its key, row names and their image hashes, and
+    (parts only) the images of its batch that were skipped: name -> (hash, reason)."""
+
+    key: Key
+    names: list[str]
+    hashes: list[str]
+    skipped: dict[str, tuple[str, str]]
+
+
+def write(path: Path, tokens: torch.Tensor, names: list[str], key: Key, hashes: list[str],
+          skipped: dict[str, tuple[str, str]] | None = None) -> None:
+    """tokens: (N, h, w) integer ids -> a token file at ``path``, written atomically; ``hashes``:
+    per row the hash of its image; ``skipped`` (parts): name -> (hash, reason).
 
     The safetensors layout is written here rather than by safetensors.save_file, whose header
     lists the metadata in a different order on every call: the same tokens give the same bytes,
@@ -81,9 +100,13 @@ def write(path: Path, tokens: torch.Tensor, names: list[str], key: Key) -> None:
     """
     from .. import __version__
 
+    assert len(hashes) == len(names) == tokens.shape[0]
     dtype = token_dtype(key.num_vq_embeddings)
     data = tensor_bytes(tokens.to("cpu", dtype))  # native order: little-endian, as safetensors wants, on x86 and ARM
-    meta = {"format": FORMAT, "vqfast_version": __version__, "names": json.dumps(names), **key.metadata()}
+    meta = {"format": FORMAT, "vqfast_version": __version__, "names": json.dumps(names),
+            "hashes": json.dumps(hashes), **key.metadata()}
+    if skipped:
+        meta["skipped"] = json.dumps({k: list(v) for k, v in sorted(skipped.items())})
     entry = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(tokens.shape), "data_offsets": [0, len(data)]}
     header = json.dumps({"__metadata__": meta, TENSOR: entry}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
@@ -96,7 +119,7 @@ def write(path: Path, tokens: torch.Tensor, names: list[str], key: Key) -> None:
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    """The metadata of a safetensors file (empty when it has none); OSError naming the file when
+    """The metadata of a safetensors file (empty when it has none); ValueError naming the file when
     it is not one."""
     from safetensors import safe_open
 
@@ -104,27 +127,39 @@ def read_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types
-        raise OSError(f"{path} is not a readable safetensors file: {e}") from e
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
 
 
-def read_key(path: Path) -> tuple[Key, list[str]]:
-    """(key, names) of a token file written by ``write``; ValueError naming the file otherwise."""
+def read_contents(path: Path) -> Contents:
+    """The metadata of a token file written by ``write``; ValueError naming the file otherwise."""
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a vqfast token file (metadata format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+        raise ValueError(f"{path} is not a vqfast token file of this version (metadata format "
+                         f"{meta.get('format')!r}, expected {FORMAT!r})")
     try:
-        return Key.from_metadata(meta), json.loads(meta["names"])
-    except (KeyError, TypeError, ValueError) as e:  # ValueError covers bad JSON
+        names, hashes = json.loads(meta["names"]), json.loads(meta["hashes"])
+        skipped = {k: (str(v[0]), str(v[1])) for k, v in json.loads(meta.get("skipped", "{}")).items()}
+        if not (isinstance(names, list) and isinstance(hashes, list) and len(names) == len(hashes)):
+            raise ValueError("names and hashes must be lists of one entry per row")
+        return Contents(Key.from_metadata(meta), names, hashes, skipped)
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # ValueError covers bad JSON
         raise ValueError(f"{path}: the metadata of this {FORMAT} file is incomplete or damaged ({e!r})") from e
 
 
-def read_rows(path: Path) -> tuple[torch.Tensor, list[str]]:
-    """(tokens (N, h, w), names) of a token file written by ``write``."""
+def read_tokens(path: Path) -> torch.Tensor:
+    """The ``tokens`` tensor of a token file written by ``write``."""
     from safetensors.torch import load_file
 
-    _, names = read_key(path)
-    return load_file(str(path))[TENSOR], names
+    return load_file(str(path))[TENSOR]
+
+
+def file_digest(path: Path) -> str:
+    """32 hex digits of the SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**20):
+            h.update(block)
+    return h.hexdigest()[:32]
 
 
 def parts_folder(output: Path) -> Path:
@@ -144,21 +179,20 @@ def next_part(folder: Path, rank: int) -> Path:
     return folder / f"rank{rank}-{max(numbers, default=-1) + 1:06d}.safetensors"
 
 
-def merge(output: Path, sources: list[Path], names: list[str], key: Key) -> dict[str, int]:
-    """Write ``output`` with the rows of ``names`` found in ``sources`` (token files of ``key``), in
-    the order of ``names``; return name -> row. Rows of names not listed are left out."""
-    found: dict[str, tuple[torch.Tensor, int]] = {}
-    for source in sources:
-        tokens, source_names = read_rows(source)
-        found.update((n, (tokens, i)) for i, n in enumerate(source_names))
-    kept = [n for n in names if n in found]
+def merge(output: Path, rows: dict[str, tuple[Path, int]], names: list[str], hashes: dict[str, str],
+          key: Key) -> dict[str, int]:
+    """Write ``output`` with the rows of ``names`` (in that order), each taken from row i of token
+    file p for ``rows[name] = (p, i)``; return name -> row."""
+    tensors: dict[Path, torch.Tensor] = {}
     h, w = key.grid
-    rows = torch.empty(len(kept), h, w, dtype=token_dtype(key.num_vq_embeddings))
-    for i, name in enumerate(kept):
-        tokens, row = found[name]
-        rows[i] = tokens[row]
-    write(output, rows, kept, key)
-    return {n: i for i, n in enumerate(kept)}
+    out = torch.empty(len(names), h, w, dtype=token_dtype(key.num_vq_embeddings))
+    for i, name in enumerate(names):
+        source, row = rows[name]
+        if source not in tensors:
+            tensors[source] = read_tokens(source)
+        out[i] = tensors[source][row]
+    write(output, out, names, key, [hashes[n] for n in names])
+    return {n: i for i, n in enumerate(names)}
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -177,12 +211,17 @@ def open_for_decode(path: Path) -> tuple[torch.Tensor, list[str], dict[str, str]
     if not path.is_file():
         raise FileNotFoundError(f"TOKENS: token file not found: {path}")
     meta = read_metadata(path)
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types (truncated data, unknown dtype...)
+        raise ValueError(f"{path}: the tensors cannot be read: {e}") from e
     if TENSOR not in tensors:
         raise ValueError(f"{path} has no tensor {TENSOR!r} (it holds {sorted(tensors) or 'no tensors'})")
     tokens = tensors[TENSOR]
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise ValueError(f"{path}: tensor {TENSOR!r} must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.dtype in _UNSIGNED:  # ids of any integer width; a uint64 beyond int64 shows as out of range
+        tokens = tokens.to(torch.int64)
     if tokens.ndim != 3 or 0 in tokens.shape[1:]:
         raise ValueError(f"{path}: tensor {TENSOR!r} must be 3-D (N, h, w) with h, w >= 1, "
                          f"got shape {tuple(tokens.shape)}")

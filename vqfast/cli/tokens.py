@@ -4,51 +4,63 @@
 
 - Inputs: image files, and folders searched recursively for png/jpg/jpeg/webp/bmp. An image's
   name is its path relative to the folder given (its file name when given itself); work goes in
-  name order. Images stream from disk on ``--workers`` threads, a batch or two ahead of the model.
-  ``--size N`` resizes each (shorter side, bicubic) and crops the centre to N x N; without it every
-  image must have the size of the first readable one. That size must be a multiple of the model's
-  downsampling factor, 2**(len(block_out_channels) - 1), or the run is refused.
+  name order. A first pass hashes every file (SHA-256 of its bytes) and reads its header without
+  decoding pixels: headers over ``--max-pixels`` (default 8192 x 8192) and unreadable files are
+  skipped by name. ``--size N`` resizes each image (shorter side, bicubic) and crops the centre to
+  N x N; without it all readable images must have one size: mixed sizes are refused, listed.
+  The size must be a multiple of the model's downsampling factor, 2**(len(block_out_channels)
+  - 1), and one image's working memory must fit ``--max-memory``, or the run is refused.
 - Output: one safetensors file with ``tokens`` (N, h, w), int16 (int32 when K > 32768), the ids of
-  ``model.quantize(model.encode(x).latents)``, and metadata: ``names`` (JSON list, row order), K,
-  grid, image size, model digest, dtype, vqfast version. Next to it a manifest
-  (``tokens.manifest.json`` for ``-o tokens.safetensors``): ``rows`` (name -> row), ``skipped``
-  (name -> reason), counts, ``world_size``.
-- An unreadable image, or one of another size, is reported by name on stderr, skipped and listed
-  in the manifest. Exit status 0; 1 when no image could be encoded, or with ``--strict`` when
-  any was skipped (the rest is still written); 2 when refused before any compute (arguments,
-  model, sizes, an existing output of another run).
-- Resume: finished batches go to ``<output>.parts/``, each written to a temporary name and
-  renamed. Rerunning the command skips every image already in a part or in the output, so a
-  finished run recomputes nothing; parts or an output made with another model, dtype, image size
-  or ``--size`` are refused, never mixed (delete them or pick another ``-o``). At the end rank 0
-  merges them into the output (atomically: the old output stays whole until replaced), writes the
-  manifest and deletes the parts.
+  ``model.quantize(model.encode(x).latents)``, and metadata: ``names`` (JSON list, row order), the
+  hash of each row's image file, K, grid, image size, model digest, dtype, batch size, vqfast
+  version. Next to it a manifest (``tokens.manifest.json`` for ``-o tokens.safetensors``):
+  ``rows`` (name -> row), ``skipped`` (name -> reason), counts, ``world_size``.
+- An image that cannot be read is reported by name on stderr, skipped and listed in the manifest.
+  Exit status 0; 1 when no image could be encoded, or with ``--strict`` when any was skipped (the
+  rest is still written); 2 when refused before any compute (arguments, model, sizes, an output
+  of another run or in use by another run).
+- Reruns: the rows of the existing output and of an interrupted run's parts are reused for images
+  whose name and bytes are unchanged, so a finished run recomputes nothing and new inputs are
+  added. An output or parts made with another model, dtype, image size, ``--size`` or batch size,
+  holding images that are not among the inputs, or whose images changed, are refused (naming what
+  differs), never mixed or silently dropped: ``--overwrite`` deletes them and encodes from scratch.
+  Without ``--batch-size`` a rerun takes the earlier run's batch size when the budget allows.
+- Resume: batches go to ``<output>.parts/``, each written under a temporary name and renamed. At
+  the end rank 0 merges them into the output (atomically: the old output stays whole until
+  replaced), writes the manifest and deletes the parts.
 
 ``vqfast decode tokens.safetensors --model DIR -o OUT_DIR``
 
 - Refused before any compute (exit status 2; the message names the file, the tensor, what was
   seen and what was expected): no ``tokens`` tensor, a non-integer or non-3-D one, ids outside
-  [0, K) for the model, metadata made for another K, or ``names`` that do not match the rows.
+  [0, K) for the model, metadata made for another K, ``names`` that do not match the rows, or a
+  token file made by another model (its weights' fingerprint differs; ``--force`` decodes anyway).
   Token files without vqfast metadata are accepted; their images are named by row number.
 - Writes ``OUT_DIR/<name>.png`` per row (the name's extension replaced by .png; "..", leading
-  dots and unusual characters replaced by "_"), each to a temporary name and renamed; a rerun
-  skips the PNGs that exist. Rank 0 writes ``OUT_DIR/manifest.json`` (name -> PNG, counts).
-  Pixels: round(clamp(x / 2 + 0.5, 0, 1) * 255), as diffusers' image processor.
+  dots and unusual characters replaced by "_"), each to a temporary name and renamed. Each PNG
+  carries a stamp (this token file's hash, the row, the model, dtype and batch size); a rerun
+  skips the PNGs whose stamp matches and refuses to start when OUT_DIR holds other PNGs under
+  these names (``--overwrite`` replaces them). Rank 0 writes ``OUT_DIR/manifest.json`` (name ->
+  PNG, counts). Pixels: round(clamp(x / 2 + 0.5, 0, 1) * 255), as diffusers' image processor.
 
-Both: batches hold max(1, min(--batch-size, --max-memory // bytes per image)) images and the
-batch size is printed. Bytes per image are measured on CUDA (the peak of one image) and estimated
-on CPU (H * W * itemsize * max(k * max(block_out_channels[:2]), floor), k, floor = 8, 1024 to
-encode and 12, 1536 to decode). --dtype auto is float16 on CUDA (float32 when the config sets
-force_upcast) and float32 on CPU, where float16 is refused. The progress bar (images/s) shows on
-rank 0 when stderr is a terminal. Under torchrun --nproc-per-node N (any number of nodes, one
-shared output folder) rank r takes every N-th image (row) from r, on cuda:LOCAL_RANK with NCCL or
-on CPU with gloo; the result is the same as one process's.
+Both: batches hold min(--batch-size, --max-memory // bytes per image) images (refused when one
+image does not fit) and the batch size is printed. Bytes per image are measured on CUDA (the peak
+of one image) and estimated on CPU (H * W * itemsize * max(k * max(block_out_channels[:2]), floor),
+k, floor = 8, 1024 to encode and 12, 1536 to decode). --dtype auto is float16 on CUDA (float32 when
+the config sets force_upcast) and float32 on CPU, where float16 is refused. Weights holding NaN or
+inf are refused, naming the tensor. The progress bar (images/s) shows on rank 0 when stderr is a
+terminal. Under torchrun --nproc-per-node N (any number of nodes, one shared output folder) the
+work is cut into batches in name order and rank r takes batches r, r + N, ..., on cuda:LOCAL_RANK
+with NCCL or on CPU with gloo: the same batches as one process, so the same bytes. One run at a
+time per output: a second refuses to start (a lock file that a killed run does not hold), and
+temporary files of killed runs are removed by the next run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -61,12 +73,14 @@ from typing import Callable
 import torch
 
 from . import budget, images, sharding, tokenfile
+from ..models.atomic import remove_stale, tag
 from ..models.model import VQModel
+from .main import RunFailed, UsageError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-class NothingEncoded(Exception):
+class NothingEncoded(RunFailed):
     """No input image could be read: exit status 1."""
 
 
@@ -99,22 +113,40 @@ def default_model() -> str:
     return str(resources.files("vqfast") / "assets" / "demo-model")
 
 
+def check_finite(model: torch.nn.Module, label: str) -> None:
+    """UsageError naming the tensors of ``model`` that hold NaN or inf (the outputs would be
+    garbage); ``label`` names the model."""
+    bad = []
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad.append(f"{name} ({count} of {tensor.numel()} values)")
+    if bad:
+        raise UsageError(f"{label}: weights hold NaN or inf in {str(next(iter(model.parameters())).dtype)[6:]}: "
+                         f"{', '.join(bad[:5])}{f' and {len(bad) - 5} more tensors' if len(bad) > 5 else ''}")
+
+
 def load_model(args: argparse.Namespace, device: torch.device) -> VQModel:
     """``--model`` / ``--subfolder`` on ``device`` in the ``--dtype`` the run uses."""
+    label = f"--model {args.model!r}" if args.model else "the embedded demo model"
     try:
         model = VQModel.from_pretrained(args.model or default_model(), subfolder=args.subfolder)
-    except FileNotFoundError as e:
-        if args.model is None:
-            raise FileNotFoundError(f"--model: the embedded demo model is not installed ({e}); "
-                                    "pass --model DIR, a diffusers-format VQModel folder") from e
-        raise FileNotFoundError(f"--model {args.model!r}: {e}") from e
+    except (OSError, ValueError, TypeError, ImportError) as e:  # FileNotFoundError is an OSError
+        raise UsageError(f"{label}" + (f" (--subfolder {args.subfolder!r})" if args.subfolder else "")
+                         + f": {e}") from e
     if args.dtype == "auto":
         dtype = torch.float16 if device.type == "cuda" and not model.config.force_upcast else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
     if dtype == torch.float16 and device.type == "cpu":
-        raise ValueError("--dtype float16 needs a CUDA device (got --device cpu): use float32 or bfloat16 on CPU")
-    return model.to(device=device, dtype=dtype)
+        raise UsageError("--dtype float16 needs a CUDA device (got --device cpu): use float32 or bfloat16 on CPU")
+    if model.config.in_channels != 3:
+        raise UsageError(f"{label}: vqfast encode/decode read and write RGB images, but the model has "
+                         f"in_channels={model.config.in_channels} (expected 3)")
+    model = model.to(device=device, dtype=dtype)
+    check_finite(model, label)
+    return model
 
 
 def downsampling(model: VQModel) -> int:
@@ -123,21 +155,43 @@ def downsampling(model: VQModel) -> int:
 
 
 def choose_batch(args: argparse.Namespace, ranks: sharding.Ranks, model: VQModel, height: int, width: int,
-                 command: str, run_one: Callable[[], object]) -> int:
-    """The batch size for images of height x width under ``--max-memory`` (printed on rank 0)."""
+                 command: str, run_one: Callable[[], object], earlier: set[int], what: str) -> int:
+    """The batch size for images of height x width under ``--max-memory``, the same on every rank:
+    the earlier run's (``earlier``, the batch sizes found in ``what``) when there is one and the
+    budget allows it, else the budget's. UsageError when one image does not fit the budget, or
+    the earlier run's batch size cannot be kept."""
     if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     limit = budget.parse_size(args.max_memory) if args.max_memory else budget.default_budget(ranks.device)
-    if ranks.device.type == "cuda":
-        per_image, how = budget.measure_per_image(run_one, ranks.device), "measured"
-    else:
-        per_image, how = budget.estimate_per_image(model.config, height, width, model.dtype, command), "estimated"
-    size = budget.batch_size(limit, per_image, args.batch_size)
+    estimate = budget.estimate_per_image(model.config, height, width, model.dtype, command)
+    per_image, how = estimate, "estimated"
+    if ranks.device.type == "cuda" and estimate <= 4 * limit:  # measuring a hopeless size would only run out
+        try:
+            per_image, how = budget.measure_per_image(run_one, ranks.device), "measured"
+        except torch.cuda.OutOfMemoryError:
+            per_image, how = estimate, "estimated; measuring one image ran out of memory"
+    given = "" if args.max_memory else " (default)"
+    if per_image > limit:
+        raise UsageError(f"one {width}x{height} image needs about {budget.format_size(per_image)} to {command} "
+                         f"({how}), more than --max-memory {budget.format_size(limit)}{given}: raise --max-memory"
+                         + (" or choose a smaller --size" if command == "encode" else ""))
+    size = sharding.all_min(ranks, budget.batch_size(limit, per_image, args.batch_size))
+    note = ""
+    if len(earlier) > 1:
+        raise UsageError(f"{what} hold work of several batch sizes {sorted(earlier)}; pass --overwrite to start over")
+    if earlier:
+        (theirs,) = earlier
+        if theirs != size and args.batch_size is None and theirs <= size:
+            size, note = theirs, " (the batch size of the earlier run, kept so that its work is reused)"
+        elif theirs != size:
+            raise UsageError(
+                f"{what} were made with batch size {theirs}, this run's is {size}: which images share a "
+                f"batch can change a token in a near tie, so work of two batch sizes is never mixed; "
+                f"pass --batch-size {theirs} (and a --max-memory that allows it) to resume, or --overwrite")
     if ranks.is_main:
-        given = "" if args.max_memory else " (default)"
-        print(f"batch size {size}: --max-memory {budget.format_size(limit)}{given}, {budget.format_size(per_image)} "
-              f"per {width}x{height} image ({how}, {str(model.dtype).removeprefix('torch.')} on {ranks.device})",
-              flush=True)
+        print(f"batch size {size}{note}: --max-memory {budget.format_size(limit)}{given}, "
+              f"{budget.format_size(per_image)} per {width}x{height} image ({how}, "
+              f"{str(model.dtype).removeprefix('torch.')} on {ranks.device})", flush=True)
     return size
 
 
@@ -154,103 +208,247 @@ def report(command: str, message: str) -> None:
     tqdm.write(f"vqfast {command}: {message}", file=sys.stderr)
 
 
+def examples(names, count: int = 5) -> str:
+    names = sorted(names)
+    shown = ", ".join(repr(n) for n in names[:count])
+    return shown + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def check_max_pixels(value: int) -> int:
+    if value < 1:
+        raise UsageError(f"--max-pixels must be a positive number of pixels, got {value}")
+    return value
+
+
+def scan_all(items: list, ranks: sharding.Ranks, scan_one: Callable, workers: int) -> list:
+    """scan_one(item) for every item, each rank scanning its share on ``workers`` threads; the
+    results in item order, on every rank."""
+    mine = sharding.shard(items, ranks)
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="vqfast-scan") as pool:
+        results = list(pool.map(scan_one, mine))
+    shares = sharding.gather(ranks, results)
+    out = [None] * len(items)
+    for r, share in enumerate(shares):
+        out[r :: ranks.world] = share
+    return out
+
+
 # -------------------------------------------------------------------- encode
 
 
-def reference_size(items: list[images.Item], size: int | None, factor: int) -> tuple[int, int]:
-    """(H, W) every image of the run must have: (size, size), or the first readable image's."""
+def run_size(readable: list[tuple[images.Item, images.Header]], size: int | None, factor: int) -> tuple[int, int]:
+    """(H, W) every image of the run gets: (size, size), or the one size all readable images
+    share; UsageError listing the sizes when they differ."""
     if size is not None:
         if size <= 0 or size % factor:
-            raise ValueError(f"--size must be a positive multiple of {factor} (the model's downsampling "
+            raise UsageError(f"--size must be a positive multiple of {factor} (the model's downsampling "
                              f"factor), got {size}")
         return size, size
-    unreadable = []
-    for item in items:
-        try:
-            _, h, w = images.load_image(item.path, None).shape
-        except images.SkipImage as e:
-            unreadable.append(f"{item.name!r} ({item.path}): {e}")
-            continue
-        if h % factor or w % factor:
-            raise ValueError(f"image {item.name!r} ({item.path}) is {w}x{h}, but without --size the image size "
-                             f"must be a multiple of {factor} (the model's downsampling factor): "
-                             "pass --size N to resize and crop")
-        return h, w
-    raise NothingEncoded(f"none of the {len(items)} images could be read:\n  " + "\n  ".join(unreadable))
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for item, header in readable:
+        by_size.setdefault(header.size, []).append(item.name)
+    if len(by_size) > 1:
+        listed = "; ".join(f"{w}x{h}: {len(n)} ({examples(n, 3)})"
+                           for (w, h), n in sorted(by_size.items(), key=lambda kv: -len(kv[1])))
+        raise UsageError(f"IMAGES: the images have {len(by_size)} different sizes ({listed}); pass --size N "
+                         "to resize and crop every image to N x N")
+    (w, h), names = next(iter(by_size.items()))
+    if h % factor or w % factor:
+        raise UsageError(f"image {names[0]!r} is {w}x{h}, but without --size the image size must be a multiple "
+                         f"of {factor} (the model's downsampling factor): pass --size N to resize and crop")
+    return h, w
 
 
-def finished_rows(output: Path, key: tokenfile.Key) -> set[str]:
-    """Names already encoded under ``key`` in the output and its parts; ValueError naming a file
-    made under another key."""
-    done: set[str] = set()
-    for source in ([output] if output.exists() else []) + tokenfile.list_parts(tokenfile.parts_folder(output)):
-        theirs, names = tokenfile.read_key(source)
+@dataclasses.dataclass
+class Earlier:
+    """What earlier runs left for this output: token files (the output, parts) with their contents."""
+
+    files: list[tuple[Path, tokenfile.Contents]]
+
+    def batch_sizes(self) -> set[int]:
+        return {c.key.batch_size for _, c in self.files}
+
+
+def read_earlier(output: Path) -> Earlier:
+    sources = ([output] if output.exists() else []) + tokenfile.list_parts(tokenfile.parts_folder(output))
+    return Earlier([(source, tokenfile.read_contents(source)) for source in sources])
+
+
+def reusable(earlier: Earlier, key: tokenfile.Key, output: Path, hashes: dict[str, str]):
+    """(rows: name -> (file, row), skips: name -> reason) of earlier work this run can keep;
+    UsageError naming what differs when earlier work belongs to another run."""
+    rows: dict[str, tuple[Path, int]] = {}
+    skips: dict[str, str] = {}
+    missing: set[str] = set()
+    changed: set[str] = set()
+    hint = (f"; rerun with the same inputs and options, choose another -o, or pass --overwrite to delete "
+            f"{output} and {tokenfile.parts_folder(output)} and encode from scratch")
+    for source, contents in earlier.files:
+        theirs = contents.key
         if theirs != key:
             diff = ", ".join(f"{k} {getattr(theirs, k)!r} (this run: {getattr(key, k)!r})"
                              for k in key.__dataclass_fields__ if getattr(theirs, k) != getattr(key, k))
-            raise ValueError(f"-o: {source} holds tokens of another run: {diff}; delete it "
-                             f"(and {tokenfile.parts_folder(output)}) or choose another -o")
-        done.update(names)
-    return done
+            raise UsageError(f"-o: {source} holds tokens of another run: {diff}{hint}")
+        for i, (name, digest) in enumerate(zip(contents.names, contents.hashes)):
+            if name not in hashes:
+                missing.add(name)
+            elif hashes[name] != digest:
+                changed.add(name)
+            else:
+                rows[name] = (source, i)
+        for name, (digest, reason) in contents.skipped.items():
+            if hashes.get(name) == digest:
+                skips[name] = reason
+    if missing:
+        raise UsageError(f"-o: {output} (or its parts) holds {len(missing)} images that are not among the inputs: "
+                         f"{examples(missing)}; this run would drop them{hint}")
+    if changed:
+        raise UsageError(f"-o: {len(changed)} inputs changed since they were encoded into {output} (or its parts): "
+                         f"{examples(changed)}{hint}")
+    return rows, skips
 
 
 def run_encode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
     output = Path(args.output)
+    if output.is_dir():
+        raise UsageError(f"-o {str(output)!r} is a folder; expected the path of the token file to write")
+    max_pixels = check_max_pixels(args.max_pixels)
     items = images.list_images(args.inputs)
     model = load_model(args, ranks.device)
     factor = downsampling(model)
-    height, width = reference_size(items, args.size, factor)
+    parts = tokenfile.parts_folder(output)
+    manifest_path = output.with_suffix(".manifest.json")
+    lock = output.parent / f".vqfast-{tag(output.name)}.lock"
+    with sharding.exclusive(lock, ranks, f"-o {output}"):
+        if ranks.is_main:
+            remove_stale([output, manifest_path])
+            if parts.is_dir():
+                for stale in parts.glob(".vqfast-*.tmp"):
+                    stale.unlink(missing_ok=True)
+            if args.overwrite and (output.exists() or parts.exists()):
+                print(f"--overwrite: deleting {output}" + (f" and {parts}" if parts.exists() else ""), flush=True)
+                output.unlink(missing_ok=True)
+                manifest_path.unlink(missing_ok=True)
+                shutil.rmtree(parts, ignore_errors=True)
+        sharding.barrier(ranks)
+        return encode_locked(args, ranks, model, items, factor, max_pixels, output, manifest_path)
+
+
+def encode_locked(args, ranks, model, items, factor, max_pixels, output, manifest_path) -> int:
+    headers = scan_all(items, ranks, lambda item: images.scan(item.path, max_pixels), args.workers)
+    hashes = {item.name: header.digest for item, header in zip(items, headers)}
+    skipped = {item.name: header.problem for item, header in zip(items, headers) if header.problem}
+    readable = [(item, header) for item, header in zip(items, headers) if not header.problem]
+    if not readable:
+        raise NothingEncoded(f"none of the {len(items)} images could be read:\n  "
+                             + "\n  ".join(f"{n!r}: {r}" for n, r in skipped.items()))
+    height, width = run_size(readable, args.size, factor)
+    earlier = read_earlier(output)
+    dummy = torch.zeros(1, 3, height, width, device=ranks.device, dtype=model.dtype)
+    batch = choose_batch(args, ranks, model, height, width, "encode", lambda: encode_ids(model, dummy),
+                         earlier.batch_sizes(), f"-o {output} (and its parts)")
     key = tokenfile.Key(
         model=tokenfile.fingerprint(model), num_vq_embeddings=model.quantize.n_e,
         grid=(height // factor, width // factor), image_size=(height, width),
         dtype=str(model.dtype).removeprefix("torch."), resize=str(args.size) if args.size else "none",
+        batch_size=batch,
     )
-    done = finished_rows(output, key)
-    pending = [item for item in sharding.shard(items, ranks) if item.name not in done]
-    dummy = torch.zeros(1, 3, height, width, device=ranks.device, dtype=model.dtype)
-    batch = choose_batch(args, ranks, model, height, width, "encode", lambda: encode_ids(model, dummy))
+    rows, earlier_skips = reusable(earlier, key, output, hashes)
+    for name in skipped:
+        rows.pop(name, None)  # an unreadable file cannot still hold the image of its earlier row
+    todo = [item for item, _ in readable if item.name not in rows and item.name not in earlier_skips]
+    if ranks.is_main:
+        for name, reason in skipped.items():
+            report("encode", f"skipped {name!r}: {reason}")
+        if rows and todo:
+            print(f"{len(rows)} images are already encoded in {output} or its parts; encoding the other "
+                  f"{len(todo)}", flush=True)
 
     def load(item: images.Item) -> torch.Tensor:
-        x = images.load_image(item.path, args.size)
+        x = images.load_image(item.path, args.size, hashes[item.name], max_pixels)
         if tuple(x.shape[1:]) != (height, width):
-            raise images.SkipImage(f"is {x.shape[2]}x{x.shape[1]}, the run's images are {width}x{height} "
-                                   "(the first image's size; --size N resizes every image)")
+            raise images.SkipImage(f"is {x.shape[2]}x{x.shape[1]} once read, the run's images are {width}x{height}")
         return x
 
     parts = tokenfile.parts_folder(output)
-    skipped: dict[str, str] = {}
-    with progress(ranks, len(pending), "encode") as bar:
-        for chunk, x, bad in images.stream_batches(pending, batch, load, args.workers):
+    mine = sharding.shard(sharding.batches(todo, batch), ranks)
+    new_skips: dict[str, str] = {}
+    with progress(ranks, sum(map(len, mine)), "encode") as bar:
+        for chunk, x, bad in images.stream_batches(mine, load, args.workers):
             for item, reason in bad:
                 report("encode", f"skipped {item.name!r} ({item.path}): {reason}")
-                skipped[item.name] = reason
-            if x is not None:
-                ids = encode_ids(model, x.to(ranks.device, model.dtype))
-                tokenfile.write(tokenfile.next_part(parts, ranks.rank), ids, [i.name for i in chunk], key)
+                new_skips[item.name] = reason
+            ids = encode_ids(model, x.to(ranks.device, model.dtype)) if x is not None else torch.zeros(0, *key.grid)
+            tokenfile.write(tokenfile.next_part(parts, ranks.rank), ids, [i.name for i in chunk], key,
+                            [hashes[i.name] for i in chunk],
+                            {i.name: (hashes[i.name], reason) for i, reason in bad})
             bar.update(len(chunk) + len(bad))
 
-    skipped = {k: v for part in sharding.gather(ranks, skipped) for k, v in part.items()}  # waits for every rank
-    encoded = len(items) - len(skipped)
+    for part in sharding.gather(ranks, new_skips):  # waits for every rank
+        skipped.update(part)
+    skipped.update((n, r) for n, r in earlier_skips.items() if n not in skipped)
     if ranks.is_main:
-        sources = ([output] if output.exists() else []) + tokenfile.list_parts(parts)
-        rows = tokenfile.merge(output, sources, [i.name for i in items if i.name not in skipped], key)
-        assert len(rows) == encoded, f"{encoded - len(rows)} encoded images are missing from the parts"
-        from .. import __version__
-
-        tokenfile.write_json(output.with_suffix(".manifest.json"), {
-            "format": "vqfast.encode-manifest/1", "tokens": output.name, "vqfast_version": __version__,
-            "images": len(items), "encoded": encoded, "skipped_count": len(skipped),
-            "from_earlier_runs": len(done & {i.name for i in items}), "world_size": ranks.world,
-            "key": dataclasses.asdict(key), "rows": rows, "skipped": dict(sorted(skipped.items())),
-        })
-        shutil.rmtree(parts, ignore_errors=True)
-        print(f"{encoded} of {len(items)} images -> {output} ({key.grid[0]}x{key.grid[1]} tokens each)"
-              + (f"; {len(skipped)} skipped, listed in {output.with_suffix('.manifest.json')}" if skipped else ""))
+        finish_encode(args, ranks, items, skipped, rows, hashes, key, output, manifest_path)
     sharding.barrier(ranks)  # the other ranks end once the output is in place
+    encoded = len(items) - len(skipped)
     return 1 if encoded == 0 or (args.strict and skipped) else 0
 
 
+def finish_encode(args, ranks, items, skipped, reused, hashes, key, output, manifest_path) -> None:
+    """Rank 0: merge the earlier rows and the parts into the output, write the manifest."""
+    from .. import __version__
+
+    parts = tokenfile.parts_folder(output)
+    rows: dict[str, tuple[Path, int]] = dict(reused)
+    for part in tokenfile.list_parts(parts):
+        contents = tokenfile.read_contents(part)
+        rows.update((name, (part, i)) for i, name in enumerate(contents.names))
+    names = [i.name for i in items if i.name not in skipped]
+    lost = [n for n in names if n not in rows]
+    if lost:
+        raise RunFailed(f"{len(lost)} encoded images are missing from {parts}: {examples(lost)} "
+                        "(was it changed by another program?); rerun to encode them again")
+    if names:
+        merged = tokenfile.merge(output, rows, names, hashes, key)
+    else:
+        merged = {}
+        output.unlink(missing_ok=True)  # no row: no token file, the manifest says why
+    reused = sum(1 for n in names if n in reused)
+    tokenfile.write_json(manifest_path, {
+        "format": "vqfast.encode-manifest/2", "tokens": output.name, "vqfast_version": __version__,
+        "images": len(items), "encoded": len(names), "skipped_count": len(skipped),
+        "from_earlier_runs": reused, "world_size": ranks.world,
+        "key": dataclasses.asdict(key), "rows": merged, "skipped": dict(sorted(skipped.items())),
+    })
+    shutil.rmtree(parts, ignore_errors=True)
+    if names:
+        print(f"{len(names)} of {len(items)} images -> {output} ({key.grid[0]}x{key.grid[1]} tokens each"
+              + (f"; {reused} kept from earlier runs" if reused else "") + ")"
+              + (f"; {len(skipped)} skipped, listed in {manifest_path}" if skipped else ""))
+    else:
+        report("encode", f"none of the {len(items)} images could be encoded; reasons in {manifest_path}")
+
+
 # -------------------------------------------------------------------- decode
+
+
+def stamp(digest: str, row: int, name: str, model: str, dtype: str, batch: int) -> str:
+    """What a decoded PNG carries to prove which token file, row, model and batch size made it."""
+    return json.dumps({"tokens": digest, "row": row, "name": name, "model": model, "dtype": dtype,
+                       "batch_size": batch}, sort_keys=True, separators=(",", ":"))
+
+
+def read_png_stamp(path: Path) -> dict | str | None:
+    """A PNG's stamp as a dict; None when there is no file; "foreign" when there is a file
+    without a readable vqfast stamp."""
+    if not path.exists():
+        return None
+    text = images.read_stamp(path)
+    try:
+        value = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        value = None
+    return value if isinstance(value, dict) else "foreign"
 
 
 def run_decode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
@@ -258,34 +456,73 @@ def run_decode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
     tokens, names, meta = tokenfile.open_for_decode(source)
     model = load_model(args, ranks.device)
     tokenfile.check_ids(source, tokens, meta, model.quantize.n_e)
+    fingerprint = tokenfile.fingerprint(model)
+    made_by = meta.get("model")
+    if made_by is not None and made_by != fingerprint and not args.force:
+        raise UsageError(f"{source} was made by another model (weights fingerprint {made_by}; this model's is "
+                         f"{fingerprint}): its ids index another codebook; pass the model that encoded it, or "
+                         "--force to decode anyway")
     targets = images.check_unique_outputs(names)
     out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"-o {str(out_dir)!r} is a file; expected a folder for the PNG files")
+    digest = tokenfile.file_digest(source)
+    with sharding.exclusive(out_dir / ".vqfast-decode.lock", ranks, f"-o {out_dir}"):
+        if ranks.is_main:
+            remove_stale([out_dir / t for t in targets] + [out_dir / "manifest.json"])
+        sharding.barrier(ranks)
+        return decode_locked(args, ranks, model, tokens, names, targets, out_dir, source, digest, fingerprint)
+
+
+def decode_locked(args, ranks, model, tokens, names, targets, out_dir, source, digest, fingerprint) -> int:
     factor = downsampling(model)
     n, h, w = tokens.shape
-    pending = [r for r in sharding.shard(range(n), ranks) if not (out_dir / targets[r]).exists()]
+    dtype = str(model.dtype).removeprefix("torch.")
+    found = scan_all(list(range(n)), ranks, lambda r: read_png_stamp(out_dir / targets[r]), args.workers)
+    # batch sizes of PNGs made from this token file's rows by this model: a rerun keeps one
+    earlier = {s.get("batch_size") for r, s in enumerate(found)
+               if isinstance(s, dict) and (s.get("tokens"), s.get("row"), s.get("model"), s.get("dtype"))
+               == (digest, r, fingerprint, dtype)}
+    earlier = {b for b in earlier if isinstance(b, int)}
+    if args.overwrite:
+        earlier = set()
     dummy = torch.zeros(1, h, w, device=ranks.device, dtype=torch.long)
-    batch = choose_batch(args, ranks, model, h * factor, w * factor, "decode", lambda: decode_ids(model, dummy))
-
-    with progress(ranks, len(pending), "decode") as bar, ThreadPoolExecutor(max(1, args.workers)) as pool:
+    batch = choose_batch(args, ranks, model, h * factor, w * factor, "decode", lambda: decode_ids(model, dummy),
+                         earlier, f"the PNGs in {out_dir}")
+    expected = [stamp(digest, r, names[r], fingerprint, dtype, batch) for r in range(n)]
+    done = [isinstance(s, dict) and json.dumps(s, sort_keys=True, separators=(",", ":")) == expected[r]
+            for r, s in enumerate(found)]
+    foreign = [names[r] for r, s in enumerate(found) if s is not None and not done[r]]
+    if foreign and not args.overwrite:
+        raise UsageError(f"-o {out_dir} already holds {len(foreign)} PNGs that were not decoded from this token file "
+                         f"by this model ({examples(foreign)}); choose another -o, or pass --overwrite to replace them")
+    pending = [chunk for chunk in sharding.batches(list(range(n)), batch) if not all(done[r] for r in chunk)]
+    mine = sharding.shard(pending, ranks)
+    written = 0
+    with progress(ranks, sum(map(len, mine)), "decode") as bar, ThreadPoolExecutor(max(1, args.workers)) as pool:
         writing: deque = deque()
-        for start in range(0, len(pending), batch):
-            chunk = pending[start : start + batch]
+        for chunk in mine:
             pixels = images.to_uint8(decode_ids(model, tokens[chunk].to(ranks.device, torch.long)))
-            writing.extend(pool.submit(images.save_png, p, out_dir / targets[r]) for r, p in zip(chunk, pixels))
+            for r, p in zip(chunk, pixels):
+                if not done[r]:
+                    writing.append(pool.submit(images.save_png, p, out_dir / targets[r], expected[r]))
+                    written += 1
             while len(writing) > 2 * batch:  # bound the decoded images waiting for the disk
                 writing.popleft().result()
             bar.update(len(chunk))
         for future in writing:
             future.result()
 
-    written = sum(sharding.gather(ranks, len(pending)))
+    written = sum(sharding.gather(ranks, written))
     if ranks.is_main:
         tokenfile.write_json(out_dir / "manifest.json", {
-            "format": "vqfast.decode-manifest/1", "tokens": source.name, "images": n,
-            "written": written, "already_present": n - written, "world_size": ranks.world,
+            "format": "vqfast.decode-manifest/2", "tokens": source.name, "tokens_sha256": digest,
+            "model": fingerprint, "images": n, "written": written, "already_present": n - written,
+            "replaced": len(foreign), "world_size": ranks.world, "batch_size": batch,
             "outputs": {name: str(t) for name, t in zip(names, targets)},
         })
-        print(f"{n} images in {out_dir} ({written} written, {n - written} already there)")
+        print(f"{n} images in {out_dir} ({written} written, {n - written} already there"
+              + (f"; {len(foreign)} PNGs of another run replaced (--overwrite)" if foreign else "") + ")")
     return 0
 
 
@@ -298,10 +535,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         ranks = sharding.start(args.device)
         return (run_encode if args.command == "encode" else run_decode)(args, ranks)
-    except (ValueError, OSError, NothingEncoded) as e:
-        where = f"[rank {ranks.rank}] " if ranks and ranks.world > 1 else ""
-        print(f"vqfast {args.command}: {where}error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, NothingEncoded) else 2
     finally:
         if ranks is not None:
             sharding.stop(ranks)
@@ -317,13 +550,23 @@ def register(sub, name: str) -> None:
                        help="image files and folders (searched recursively for png/jpg/jpeg/webp/bmp)")
         p.add_argument("-o", "--output", required=True, help="the token file to write (.safetensors)")
         p.add_argument("--size", type=int, default=None,
-                       help="resize the shorter side to N and crop the centre to N x N (default: keep the size)")
+                       help="resize the shorter side to N and crop the centre to N x N (default: keep the size; "
+                            "all images must then have one size)")
+        p.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS, metavar="N",
+                       help=f"skip images whose header says more than N pixels, before decoding them "
+                            f"(default {images.DEFAULT_MAX_PIXELS} = 8192 x 8192)")
         p.add_argument("--strict", action="store_true", help="exit with status 1 when any image was skipped")
+        p.add_argument("--overwrite", action="store_true",
+                       help="delete an existing output (and parts) of another run or other inputs and start over")
     else:
         p = sub.add_parser(name, help="turn a token file back into images",
                            description="\n\n".join(doc[3:5]), formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("tokens", metavar="TOKENS", help="a token file written by vqfast encode")
         p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the PNG files")
+        p.add_argument("--force", action="store_true",
+                       help="decode a token file made by another model (its weights' fingerprint differs)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace PNGs in OUT_DIR that were not decoded from this token file by this model")
     p.epilog = doc[5]
     p.add_argument("--model", default=None, metavar="DIR",
                    help="a diffusers-format VQModel folder (default: the embedded demo model)")
@@ -337,7 +580,8 @@ def register(sub, name: str) -> None:
                    help="working memory per process for one batch, e.g. 2GiB or 512MiB (default: 70%% of "
                         "free GPU memory on CUDA, 2GiB on CPU); the model's weights come on top")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help=f"at most N images per batch (default {budget.DEFAULT_MAX_BATCH}); the budget may allow fewer")
+                   help=f"at most N images per batch (default {budget.DEFAULT_MAX_BATCH}); the budget may allow "
+                        "fewer. Part of the resume key: a rerun keeps the earlier run's batch size")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads reading or writing image files (default: the CPU count, at most 8)")
     p.set_defaults(run=run)
