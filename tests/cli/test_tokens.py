@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import re
 from pathlib import Path
 
@@ -372,3 +374,241 @@ def test_foreign_token_file_without_names_decodes_by_row(tmp_path, model_dir):
     assert decode(path, "--model", model_dir, "-o", tmp_path / "out") == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
     assert png_of(tmp_path / "out" / "000000.png").shape == (8, 10, 3)
+
+
+# -------------------------------------------------------------------- outputs reflect the inputs
+
+
+def huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid 1x1 PNG whose header claims width x height (no pixels are stored for the rest)."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_changed_inputs_are_refused_until_overwrite(tmp_path, data, model_dir, capsys, monkeypatch):
+    folder, names = data
+    out = tmp_path / "t.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", out) == 0
+    before = out.read_bytes()
+    save_image(folder / "img0.png", seed=99)  # other pixels under the same name
+    assert encode(folder, "--model", model_dir, "-o", out) == 2
+    err = capsys.readouterr().err
+    assert "1 inputs changed since they were encoded" in err and "'img0.png'" in err and "--overwrite" in err
+    assert out.read_bytes() == before
+    assert encode(folder, "--model", model_dir, "-o", out, "--overwrite") == 0
+    fresh = tmp_path / "fresh.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", fresh) == 0
+    assert out.read_bytes() == fresh.read_bytes() != before
+
+
+def test_fewer_inputs_are_refused_and_more_are_added(tmp_path, data, model_dir, capsys, monkeypatch):
+    folder, names = data
+    out = tmp_path / "t.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", out, "--batch-size", 1) == 0
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("img2.png", "sub/img5.png"):
+        (folder / name).rename(moved / Path(name).name)
+    assert encode(folder, "--model", model_dir, "-o", out) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 images that are not among the inputs: 'img2.png', 'sub/img5.png'; this run would drop them" in err
+    assert len(tokenfile.read_contents(out).names) == 6
+    assert encode(folder, "--model", model_dir, "-o", out, "--overwrite", "--batch-size", 1) == 0
+    assert tokenfile.read_contents(out).names == [n for n in names if n not in ("img2.png", "sub/img5.png")]
+
+    (moved / "img2.png").rename(folder / "img2.png")
+    (moved / "img5.png").rename(folder / "sub" / "img5.png")
+    seen, real = [], tokens.encode_ids
+    monkeypatch.setattr(tokens, "encode_ids", lambda m, x: seen.append(x.shape[0]) or real(m, x))
+    assert encode(folder, "--model", model_dir, "-o", out) == 0  # adds the two, keeps the batch size 1
+    assert seen == [1, 1] and "4 images are already encoded" in capsys.readouterr().out
+    fresh = tmp_path / "fresh.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", fresh, "--batch-size", 1) == 0
+    assert out.read_bytes() == fresh.read_bytes()  # batch size 1: every row is computed alone
+
+
+def test_batch_size_is_part_of_the_resume_key(tmp_path, data, model_dir, capsys, monkeypatch):
+    folder, _ = data
+    out = tmp_path / "t.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", out, "--batch-size", 2) == 0
+    assert encode(folder, "--model", model_dir, "-o", out, "--batch-size", 3) == 2
+    assert "were made with batch size 2, this run's is 3" in capsys.readouterr().err
+    monkeypatch.setattr(tokens, "encode_ids", lambda m, x: pytest.fail("recomputed"))
+    assert encode(folder, "--model", model_dir, "-o", out) == 0  # no --batch-size: the earlier one is kept
+    assert "batch size 2 (the batch size of the earlier run" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------- images
+
+
+def test_high_bit_depth_modes_keep_their_whole_range(tmp_path):
+    from vqfast.cli import images
+
+    ramp = torch.arange(0, 65536, 257, dtype=torch.int32).repeat(4, 1)  # 0, 257, ..., 65535: (4, 256)
+    expected = (torch.arange(256).float() / 127.5 - 1).expand(3, 4, 256)
+    gray16 = Image.frombytes("I;16", (256, 4), ramp.to(torch.int16).numpy().tobytes())
+    gray16.save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    assert torch.equal(images.load_image(tmp_path / "g16.png", None), expected)
+    for mode, values in (("I", ramp), ("F", ramp.float() / 65535)):  # TIFF content under a .png name
+        Image.frombytes(mode, (256, 4), values.numpy().tobytes()).save(tmp_path / f"{mode}.png", format="TIFF")
+        assert torch.equal(images.load_image(tmp_path / f"{mode}.png", None), expected), mode
+    wide = ramp * 1000 - 5  # 32-bit values beyond 16 bits: the image's own range, nothing clipped
+    Image.frombytes("I", (256, 4), wide.numpy().tobytes()).save(tmp_path / "wide.png", format="TIFF")
+    assert torch.equal(images.load_image(tmp_path / "wide.png", None), expected)
+
+
+def test_huge_headers_are_skipped_before_decoding_and_sizes_never_mix(tmp_path, data, model_dir, capsys):
+    folder, names = data
+    huge_png(folder / "0-huge.png", 12000, 12000)  # first by name
+    out = tmp_path / "t.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", out) == 0
+    err = capsys.readouterr().err
+    assert "skipped '0-huge.png': is 12000x12000 = 144000000 pixels, over the limit of 67108864 (--max-pixels)" in err
+    assert tokenfile.read_contents(out).names == names
+    assert encode(folder, "--model", model_dir, "-o", tmp_path / "s.safetensors", "--max-pixels", 100) == 1
+    assert "none of the 7 images could be read" in capsys.readouterr().err
+
+    save_image(folder / "a-small.png", size=(8, 8))
+    assert encode(folder, "--model", model_dir, "-o", tmp_path / "m.safetensors") == 2
+    err = capsys.readouterr().err
+    assert "the images have 2 different sizes (16x16: 6 (" in err and "8x8: 1 ('a-small.png')" in err
+    assert "--size N" in err and not (tmp_path / "m.safetensors").exists()
+
+
+# -------------------------------------------------------------------- decode
+
+
+def test_decode_checks_the_model_and_the_pngs_it_finds(tmp_path, data, model_dir, capsys):
+    folder, names = data
+    out, png = tmp_path / "t.safetensors", tmp_path / "png"
+    assert encode(folder, "--model", model_dir, "-o", out) == 0
+    torch.manual_seed(1)
+    other = vqfast.VQModel.from_config(TINY)
+    other.save_pretrained(tmp_path / "other")  # the same K, other weights
+    assert decode(out, "--model", tmp_path / "other", "-o", png) == 2
+    assert "was made by another model (weights fingerprint" in capsys.readouterr().err and not png.exists()
+    assert decode(out, "--model", tmp_path / "other", "-o", png, "--force") == 0
+
+    assert decode(out, "--model", model_dir, "-o", png) == 2  # the PNGs there are the other model's
+    err = capsys.readouterr().err
+    assert "already holds 6 PNGs that were not decoded from this token file by this model" in err
+    assert decode(out, "--model", model_dir, "-o", png, "--overwrite") == 0
+    reference = tmp_path / "reference"
+    assert decode(out, "--model", model_dir, "-o", reference) == 0
+    for name in names:
+        assert (png / name).read_bytes() == (reference / name).read_bytes(), name
+    save_image(png / "img0.png", seed=5)  # a stranger under a finished name
+    assert decode(out, "--model", model_dir, "-o", png) == 2
+    assert "1 PNGs that were not decoded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32])
+def test_unsigned_token_files_decode(tmp_path, model_dir, dtype):
+    path = tmp_path / "u.safetensors"
+    ids = torch.randint(0, 64, (2, 3, 4), generator=torch.Generator().manual_seed(0))
+    save_file({"tokens": ids.to(dtype)}, path)
+    save_file({"tokens": ids}, tmp_path / "i.safetensors")
+    assert decode(path, "--model", model_dir, "-o", tmp_path / "u") == 0
+    assert decode(tmp_path / "i.safetensors", "--model", model_dir, "-o", tmp_path / "i") == 0
+    assert png_of(tmp_path / "u" / "000001.png").equal(png_of(tmp_path / "i" / "000001.png"))
+
+
+# -------------------------------------------------------------------- models, errors, locks, names
+
+
+def test_nan_weights_are_refused_by_tensor_name(tmp_path, data, model_dir, capsys):
+    folder, _ = data
+    model = vqfast.VQModel.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.decoder.conv_out.weight[0, 0, 0, 0] = float("nan")
+        model.encoder.conv_in.bias[1] = float("inf")
+    model.save_pretrained(tmp_path / "nan")
+    assert encode(folder, "--model", tmp_path / "nan", "-o", tmp_path / "t.safetensors") == 2
+    err = capsys.readouterr().err
+    assert "weights hold NaN or inf" in err and "decoder.conv_out.weight (1 of" in err and "encoder.conv_in.bias" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "meta"], "--device must be cpu, cuda or cuda:N, got 'meta'"),
+        (["--max-pixels", "0"], "--max-pixels must be a positive number of pixels, got 0"),
+        (["--model", "nobody-has/this-model-here"], "--model 'nobody-has/this-model-here': "),
+    ],
+)
+def test_mistakes_end_in_one_line_and_exit_2(tmp_path, data, capsys, monkeypatch, args, message):
+    folder, _ = data
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # a bare install: no hub client
+    assert encode(folder, "-o", tmp_path / "t.safetensors", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback(tmp_path, data, capsys):
+    folder, _ = data
+    assert main(["--debug", "encode", str(folder), "-o", str(tmp_path / "t.safetensors"), "--device", "meta"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_output_refuses(tmp_path, data, model_dir, capsys):
+    import subprocess
+
+    from vqfast.cli import sharding
+    from vqfast.models.atomic import tag
+
+    folder, _ = data
+    out = tmp_path / "t.safetensors"
+    lock = tmp_path / f".vqfast-{tag(out.name)}.lock"
+    fd = sharding._acquire(lock)  # as a running encode holds it
+    try:
+        assert encode(folder, "--model", model_dir, "-o", out) == 2
+        err = capsys.readouterr().err
+        assert f"-o {out} is in use by another vqfast run (pid " in err and not out.exists()
+    finally:
+        lock.unlink()
+        os.close(fd)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from vqfast.cli import sharding; sharding._acquire(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(60)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()  # kill -9: the kernel releases its lock, the file stays behind
+    holder.wait()
+    assert lock.exists()
+    assert encode(folder, "--model", model_dir, "-o", out) == 0 and not lock.exists()
+
+
+def test_long_names_round_trip_and_stale_temporaries_go(tmp_path, model_dir):
+    from vqfast.models.atomic import tag
+
+    folder = tmp_path / "images"
+    long = "x" * 251 + ".png"  # 255 bytes, the most a file name can have
+    save_image(folder / long)
+    out = tmp_path / "t.safetensors"
+    parts = tokenfile.parts_folder(out)
+    parts.mkdir()
+    stale = [parts / ".vqfast-0badf00d-abc.tmp", tmp_path / f".vqfast-{tag(out.name)}-killed.tmp"]
+    kept = tmp_path / f".vqfast-{tag('someone-else')}-abc.tmp"  # another target's: not ours to remove
+    for f in stale + [kept]:
+        f.write_bytes(b"torn")
+    assert encode(folder, "--model", model_dir, "-o", out) == 0
+    assert not any(f.exists() for f in stale) and kept.exists()
+    png = tmp_path / "png"
+    png.mkdir()
+    stale_png = png / f".vqfast-{tag(long)}-killed.tmp"
+    stale_png.write_bytes(b"torn")
+    assert decode(out, "--model", model_dir, "-o", png) == 0
+    assert [p.name for p in png.iterdir() if p.suffix == ".png"] == [long] and not stale_png.exists()
