@@ -53,8 +53,29 @@ def test_patched_model_trains_like_diffusers():
             assert rel_err(p.grad, grads[name].grad) <= 1e-4, name
 
 
+def test_patch_takes_a_subclass_of_diffusers_vqmodel():
+    import diffusers
+
+    class MyVQModel(diffusers.VQModel):
+        pass
+
+    theirs, _ = make_pair("ldm_f4")
+    mine = MyVQModel(**dict(theirs.config))
+    mine.load_state_dict(theirs.state_dict())
+    mine.eval()
+    x = images(1)
+    with torch.no_grad():
+        ref = theirs(x).sample
+        assert vqfast.patch(mine) is mine
+        assert len([m for m in mine.modules() if "forward" in vars(m)]) >= 10
+        assert rel_err(mine(x).sample, ref) <= 1e-5
+    assert vqfast.unpatch(mine) is mine and not [m for m in mine.modules() if "forward" in vars(m)]
+
+
 def test_patch_refuses_other_models():
-    with pytest.raises(TypeError, match="patch expects a diffusers VQModel, got torch.nn.modules.linear.Linear"):
+    with pytest.raises(TypeError, match=r"patch expects a diffusers VQModel \(or a subclass of it\) or a diffusers pipeline holding one, got torch.nn.modules.linear.Linear"):
         vqfast.patch(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="a vqfast.VQModel needs no patching"):
         vqfast.patch(vqfast.VQModel())
+    with pytest.raises(TypeError, match="unpatch expects a diffusers VQModel"):
+        vqfast.unpatch("movq")

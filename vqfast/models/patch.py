@@ -13,6 +13,7 @@ import types
 from torch import nn
 
 from .layers import Attention, ResnetBlock2D, SpatialNorm, Upsample2D
+from .model import VQModel
 from .quantizer import VectorQuantizer
 
 
@@ -55,26 +56,55 @@ def _supported(module: nn.Module) -> bool:
     return name in _FORWARDS
 
 
-def patch(model: nn.Module) -> nn.Module:
-    """Make a live diffusers VQModel run vqfast's ops: fused GroupNorm+SiLU and SpatialNorm, the
-    exact memory-safe codebook search, the folded upsample+convolution. Returns the same model. Modules vqfast does not cover
-    keep diffusers' code; a module patched already is left as it is."""
-    if type(model).__name__ != "VQModel" or not type(model).__module__.startswith("diffusers."):
-        raise TypeError(
-            f"patch expects a diffusers VQModel, got {type(model).__module__}.{type(model).__name__} "
-            "(a vqfast.VQModel needs no patching)"
-        )
-    for module in model.modules():
-        if _supported(module) and not getattr(module, _MARK, False):
-            module.forward = types.MethodType(_FORWARDS[type(module).__name__], module)
-            setattr(module, _MARK, True)
-    return model
+def _from_diffusers(obj: object, name: str) -> bool:
+    """True when ``obj`` is an instance of diffusers' class ``name`` or of a subclass of it."""
+    return any(c.__name__ == name and c.__module__.startswith("diffusers.") for c in type(obj).__mro__)
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: every module runs diffusers' own forward again. Returns the model."""
-    for module in model.modules():
-        if getattr(module, _MARK, False):
-            del module.forward
-            delattr(module, _MARK)
-    return model
+def _models(target: object, verb: str) -> list[nn.Module]:
+    """The diffusers VQModels that ``target`` is or holds (a pipeline's components)."""
+    if isinstance(target, nn.Module) and _from_diffusers(target, "VQModel"):
+        return [target]
+    if _from_diffusers(target, "DiffusionPipeline"):
+        components = dict(target.components)
+        found = [m for m in components.values() if isinstance(m, nn.Module) and _from_diffusers(m, "VQModel")]
+        # vqfast's own model (vqfast.diffusers.VQModel in a pipeline) runs vqfast's ops already
+        fast = [m for m in components.values() if isinstance(m, VQModel)]
+        if not found and not fast:
+            raise TypeError(
+                f"{verb} found no VQModel among the components of {type(target).__name__}: "
+                f"{sorted(k for k, v in components.items() if v is not None)}"
+            )
+        return found
+    kind = f"{type(target).__module__}.{type(target).__name__}"
+    hint = " (a vqfast.VQModel needs no patching)" if isinstance(target, VQModel) else ""
+    raise TypeError(
+        f"{verb} expects a diffusers VQModel (or a subclass of it) or a diffusers pipeline holding one, "
+        f"got {kind}{hint}"
+    )
+
+
+def patch(target):
+    """Make a live diffusers VQModel, any subclass of it, or every VQModel among a diffusers
+    pipeline's components (``pipe.movq``, ``pipe.vqvae``) run vqfast's ops: fused GroupNorm+SiLU
+    and SpatialNorm, the exact memory-safe codebook search, the folded upsample+convolution.
+    Returns ``target``. Modules vqfast does not cover keep diffusers' code; a module patched already
+    is left as it is. Weights, module tree and config do not change, so the model (and the
+    pipeline) saves and reloads as before; a reloaded one runs diffusers' code until patched again."""
+    for model in _models(target, "patch"):
+        for module in model.modules():
+            if _supported(module) and not getattr(module, _MARK, False):
+                module.forward = types.MethodType(_FORWARDS[type(module).__name__], module)
+                setattr(module, _MARK, True)
+    return target
+
+
+def unpatch(target):
+    """Undo :func:`patch` on the same kinds of target: every module runs diffusers' own forward
+    again. Returns ``target``."""
+    for model in _models(target, "unpatch"):
+        for module in model.modules():
+            if getattr(module, _MARK, False):
+                del module.forward
+                delattr(module, _MARK)
+    return target
