@@ -102,6 +102,11 @@ def _stem(variant: str | None) -> str:
     return f"{WEIGHTS_STEM}.{variant}" if variant else WEIGHTS_STEM
 
 
+def _index_name(suffix: str, variant: str | None) -> str:
+    """diffusers puts the variant before the last extension: ``...safetensors.index.fp16.json``."""
+    return f"{WEIGHTS_STEM}{suffix}.index.{variant}.json" if variant else f"{WEIGHTS_STEM}{suffix}{INDEX_SUFFIX}"
+
+
 def weights_files(folder: Path, variant: str | None, use_safetensors: bool | None) -> list[Path]:
     """The weights to read, in the order diffusers looks for them: one safetensors file, a sharded
     safetensors checkpoint (``*.safetensors.index.json``), then the same for ``.bin`` (unless
@@ -110,7 +115,7 @@ def weights_files(folder: Path, variant: str | None, use_safetensors: bool | Non
     stem = _stem(variant)
     looked = []
     for suffix in suffixes:
-        single, index = folder / f"{stem}{suffix}", folder / f"{stem}{suffix}{INDEX_SUFFIX}"
+        single, index = folder / f"{stem}{suffix}", folder / _index_name(suffix, variant)
         looked += [single.name, index.name]
         if single.is_file():
             return [single]
@@ -253,11 +258,11 @@ def write_folder(
             "weight_map": {k: name for name, keys in zip(names, groups) for k in keys},
         }
         index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        index_file = folder / f"{stem}{suffix}{INDEX_SUFFIX}"
+        index_file = folder / _index_name(suffix, variant)
         write_atomically(index_file, lambda p: Path(p).write_text(index_text))
         written.append(index_file)
     write_atomically(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
-    _remove_other_checkpoints(folder, stem, suffix, {p.name for p in written})
+    _remove_other_checkpoints(folder, stem, suffix, {p.name for p in written}, _index_name(suffix, variant))
     return written + [folder / CONFIG_NAME]
 
 
@@ -285,13 +290,11 @@ def _split(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
 _SHARD = re.compile(r"^-\d{5}-of-\d{5}$")
 
 
-def _remove_other_checkpoints(folder: Path, stem: str, suffix: str, keep: set[str]) -> None:
+def _remove_other_checkpoints(folder: Path, stem: str, suffix: str, keep: set[str], index: str) -> None:
     for path in folder.iterdir():
         name = path.name
         if name in keep or not path.is_file() or not name.startswith(stem):
             continue
         rest = name[len(stem):]
-        if rest in (suffix, f"{suffix}{INDEX_SUFFIX}") or (
-            rest.endswith(suffix) and _SHARD.match(rest[: -len(suffix)])
-        ):
+        if name == index or rest == suffix or (rest.endswith(suffix) and _SHARD.match(rest[: -len(suffix)])):
             path.unlink()
