@@ -27,6 +27,18 @@ def test_shards_cover_every_item_once():
     assert sorted(sum(shards, [])) == items and shards[0] == [0, 3, 6, 9]
 
 
+def test_ranks_take_whole_batches_of_the_global_order():
+    """Whatever the number of ranks, every batch holds the same images as one process's: so the
+    convolutions round alike and the outputs are the same bytes, by construction."""
+    items = [f"img{i:02d}" for i in range(11)]
+    batches = sharding.batches(items, 3)
+    assert batches == [items[0:3], items[3:6], items[6:9], items[9:11]]
+    for world in (1, 2, 3, 5):
+        taken = [sharding.shard(batches, SimpleNamespace(rank=r, world=world)) for r in range(world)]
+        assert sorted(sum(taken, [])) == batches  # every batch once, none split or merged
+        assert taken[world - 1] == batches[world - 1 :: world]
+
+
 def test_two_gloo_processes_match_one_process(tmp_path):
     folder = tmp_path / "images"
     names = make_images(folder, 7)  # odd: the ranks get 4 and 3
