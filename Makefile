@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 # would pull a multi-GB CUDA build. An already installed torch (any build) is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test demo test bench bench-pytest
+.PHONY: install install-test demo test test-bare bench bench-pytest
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -21,6 +21,13 @@ demo: install
 
 test: install-test
 	$(PYTHON) -m pytest tests
+	$(MAKE) test-bare
+
+# The package alone in a fresh virtual environment (build/bare-venv, reused; runtime dependencies
+# only, no test extra): save_pretrained, encode, decode, a two-process torchrun encode and the
+# demo must work there without a warning.
+test-bare:
+	TORCH_SPEC="$(TORCH_SPEC)" $(PYTHON) .ci/bare_install.py
 
 # `vqfast bench` (this device's default subset) writes its JSON to bench/results/, then the
 # README's table is regenerated from every committed result. bench-pytest runs the
