@@ -15,7 +15,7 @@ from vqfast.cli.demo import embedded, load_image
 
 from conftest import rel_err
 
-Image = pytest.importorskip("PIL.Image")
+from PIL import Image  # noqa: E402 (a runtime dependency)
 MODEL = embedded("demo-model")
 
 
@@ -65,6 +65,28 @@ def test_missing_path_is_named_without_traceback(flag, tmp_path):
     missing = str(tmp_path / "nope")
     code, out, err = run_demo(flag, missing, "--out", str(tmp_path / "o.png"))
     assert code == 2 and flag in err and missing in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "meta"], "--device must be cpu, cuda or cuda:N, got 'meta'"),
+        (["--image", "HUGE"], "50000x50000 pixels, more than the demo reads (67108864 = 8192 x 8192)"),
+        (["--model", "NAN"], "weights hold NaN or inf in float32: decoder.conv_out.bias (3 of 3 values)"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_2(tmp_path, args, message):
+    from test_tokens import huge_png
+
+    huge_png(tmp_path / "huge.png", 50000, 50000)
+    model = vqfast.VQModel.from_pretrained(MODEL)
+    with torch.no_grad():
+        model.decoder.conv_out.bias.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan")
+    args = [{"HUGE": str(tmp_path / "huge.png"), "NAN": str(tmp_path / "nan")}.get(a, a) for a in args]
+    code, out, err = run_demo(*args, "--out", str(tmp_path / "o.png"))
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_embedded_model_is_small_and_loads_in_diffusers_identically():

@@ -612,3 +612,16 @@ def test_long_names_round_trip_and_stale_temporaries_go(tmp_path, model_dir):
     stale_png.write_bytes(b"torn")
     assert decode(out, "--model", model_dir, "-o", png) == 0
     assert [p.name for p in png.iterdir() if p.suffix == ".png"] == [long] and not stale_png.exists()
+
+
+def test_names_too_long_to_write_are_refused_before_compute(tmp_path, data, model_dir, capsys, monkeypatch):
+    folder, _ = data
+    monkeypatch.setattr(tokens, "encode_ids", lambda m, x: pytest.fail("computed"))
+    out = tmp_path / ("t" * 240 + ".safetensors")  # fits, but its .parts folder and manifest would not
+    assert encode(folder, "--model", model_dir, "-o", out) == 2
+    err = capsys.readouterr().err
+    assert "-o: the file name 'tttt" in err and "... would be 258 bytes long; file systems allow 255" in err
+    path = tmp_path / "plain.safetensors"
+    save_file({"tokens": torch.zeros(1, 4, 4, dtype=torch.int16)}, path, metadata={"names": json.dumps(["n" * 255])})
+    assert decode(path, "--model", model_dir, "-o", tmp_path / "out") == 2
+    assert "the names of its images" in capsys.readouterr().err

@@ -171,11 +171,11 @@ def choose_batch(args: argparse.Namespace, ranks: sharding.Ranks, model: VQModel
         except torch.cuda.OutOfMemoryError:
             per_image, how = estimate, "estimated; measuring one image ran out of memory"
     given = "" if args.max_memory else " (default)"
-    if per_image > limit:
+    size = sharding.all_min(ranks, budget.batch_size(limit, per_image, args.batch_size) if per_image <= limit else 0)
+    if size == 0:  # every rank refuses together (a measured size may differ between GPUs)
         raise UsageError(f"one {width}x{height} image needs about {budget.format_size(per_image)} to {command} "
                          f"({how}), more than --max-memory {budget.format_size(limit)}{given}: raise --max-memory"
                          + (" or choose a smaller --size" if command == "encode" else ""))
-    size = sharding.all_min(ranks, budget.batch_size(limit, per_image, args.batch_size))
     note = ""
     if len(earlier) > 1:
         raise UsageError(f"{what} hold work of several batch sizes {sorted(earlier)}; pass --overwrite to start over")
@@ -212,6 +212,17 @@ def examples(names, count: int = 5) -> str:
     names = sorted(names)
     shown = ", ".join(repr(n) for n in names[:count])
     return shown + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def check_name_lengths(paths: list[Path], what: str) -> None:
+    """UsageError before any compute when a file name this run would write exceeds 255 bytes
+    (the limit of common file systems), instead of failing after the compute."""
+    for path in paths:
+        for part in Path(path).parts:
+            size = len(part.encode("utf-8", "surrogateescape"))
+            if size > 255:
+                raise UsageError(f"{what}: the file name {part[:40]!r}... would be {size} bytes long; "
+                                 "file systems allow 255")
 
 
 def check_max_pixels(value: int) -> int:
@@ -318,6 +329,7 @@ def run_encode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
     factor = downsampling(model)
     parts = tokenfile.parts_folder(output)
     manifest_path = output.with_suffix(".manifest.json")
+    check_name_lengths([Path(output.name), Path(parts.name), Path(manifest_path.name)], "-o")
     lock = output.parent / f".vqfast-{tag(output.name)}.lock"
     with sharding.exclusive(lock, ranks, f"-o {output}"):
         if ranks.is_main:
@@ -463,6 +475,7 @@ def run_decode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
                          f"{fingerprint}): its ids index another codebook; pass the model that encoded it, or "
                          "--force to decode anyway")
     targets = images.check_unique_outputs(names)
+    check_name_lengths(targets, f"{source} (the names of its images)")
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {str(out_dir)!r} is a file; expected a folder for the PNG files")
