@@ -157,11 +157,14 @@ class VQModel(nn.Module):
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
     def enable_slicing(self, max_memory: int | str | None = None) -> None:
-        """Run encode and decode (and forward) over a batch in slices: one image at a time, or as
-        many images as fit in ``max_memory`` bytes of activations ("2GiB", "500MB", an int)
-        by the estimate of :meth:`activation_bytes`. Outputs equal the unsliced call's: each image
-        goes through the same ops, and the quantizer (whose commit loss averages over the whole
-        batch) still sees the whole batch of latents."""
+        """Run encode and decode (and forward) over a batch in slices: two images at a time, or as
+        many as fit in ``max_memory`` bytes of activations ("2GiB", "500MB", an int) by the estimate
+        of :meth:`activation_bytes`. Slices are balanced and never hold a single image of a larger
+        batch: PyTorch runs a one-image convolution on CPU through another kernel than a batched
+        one, and its last bits would differ (so a slice may hold one image more than the budget
+        says). Outputs equal the unsliced call's bit for bit on the eager path: each image goes
+        through the same ops, and the quantizer (whose commit loss averages over the whole batch)
+        still sees the whole batch of latents, which are small."""
         self.slicing_max_memory = None if max_memory is None else ckpt.parse_size("max_memory", max_memory)
         self.use_slicing = True
 
@@ -182,24 +185,29 @@ class VQModel(nn.Module):
 
     def _slice_size(self, kind: str, x: torch.Tensor, factor: int) -> int:
         if self.slicing_max_memory is None:
-            return 1
+            return 2
         per_image = self.activation_bytes(kind, x.shape[2] * factor, x.shape[3] * factor, x.dtype)
-        return max(1, self.slicing_max_memory // per_image)
+        return max(2, self.slicing_max_memory // per_image)
 
     def _sliced(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: int) -> torch.Tensor:
-        """run(x) computed n images at a time into one preallocated output (no concatenation copy)."""
-        if not self.use_slicing or x.shape[0] <= n:
+        """run(x) computed in balanced slices of about n images (none of a single image unless the
+        batch is one), written into one preallocated output (no concatenation copy)."""
+        batch = x.shape[0]
+        count = max(1, min(-(-batch // n), batch // 2))
+        if not self.use_slicing or count == 1:
             return run(x)
-        out = None
-        for start in range(0, x.shape[0], n):
-            y = run(x[start : start + n])
+        base, extra = divmod(batch, count)
+        out, start = None, 0
+        for size in [base + 1] * extra + [base] * (count - extra):
+            y = run(x[start : start + size])
             if out is None:
                 channels_last = y.dim() == 4 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
                 out = torch.empty(
-                    (x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device,
+                    (batch, *y.shape[1:]), dtype=y.dtype, device=y.device,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format,
                 )
-            out[start : start + y.shape[0]] = y
+            out[start : start + size] = y
+            start += size
         return out
 
     # ---------------------------------------------------------------- forward passes
