@@ -193,27 +193,27 @@ def _freeze(d: dict) -> tuple:
     return tuple(sorted(d.items(), key=lambda kv: kv[0]))
 
 
-def launches() -> list[dict]:
-    """Every launch the kernels' launchers can choose, from the kernel modules' aot_launches()."""
+def launches(arch: int) -> list[dict]:
+    """Every launch the kernels' launchers can choose on sm_<arch>, from the kernel modules'
+    aot_launches(arch)."""
     from . import codebook, group_norm
-    return codebook.aot_launches() + group_norm.aot_launches()
+    return codebook.aot_launches(arch) + group_norm.aot_launches(arch)
 
 
 def report(archs: tuple[int, ...] = (80, 90)) -> list[dict]:
     """One row per launch and target: the case, the launch configuration, resources, the hot
     loop's counts and the static estimate for the case's benchmark size."""
     rows = []
-    for launch in launches():
-        fn = launch["kernel"]
-        name = (getattr(fn, "__name__", None) or fn.fn.__name__).removesuffix("_kernel")
-        constexprs = launch["constexprs"]
-        config = {k: v for k, v in constexprs.items()
-                  if k.startswith(("BLOCK", "USE", "SPATIAL", "SILU", "VEC", "PATH")) and not callable(v)}
-        for arch in archs:
-            key = (fn, _freeze(launch["signature"]), _freeze({k: v for k, v in constexprs.items()}),
-                   launch["num_warps"], arch, tuple(sorted(launch.get("divisible", ()))))
-            cubin = _compiled(key)
-            cost = analyse(cubin, launch["num_warps"], launch["items_per_iteration"], launch.get("inner_trips"))
+    for arch in archs:
+        for launch in launches(arch):
+            fn = launch["kernel"]
+            name = (getattr(fn, "__name__", None) or fn.fn.__name__).removesuffix("_kernel")
+            constexprs = launch["constexprs"]
+            config = {k: v for k, v in constexprs.items()
+                      if k.startswith(("BLOCK", "USE", "SPATIAL", "SILU", "VEC", "PATH")) and not callable(v)}
+            key = (fn, _freeze(launch["signature"]), _freeze(constexprs), launch["num_warps"], arch,
+                   tuple(sorted(launch.get("divisible", ()))))
+            cost = analyse(_compiled(key), launch["num_warps"], launch["items_per_iteration"], launch.get("inner_trips"))
             case = {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v)
                     for k, v in launch["case"].items()}
             rows.append(dict(kernel=name, **case, arch=f"sm_{arch}", num_warps=launch["num_warps"], **config,

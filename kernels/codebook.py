@@ -16,6 +16,60 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRETED
+
+@triton.jit
+def _z_col(z_ptr, z_row, row_ok, szd, mu_ptr, d: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+    """-2 (z[:, d] - mu[d]) for the block's rows in the accumulator dtype (zeros past D): the
+    ranking's factor -2 folded in once per row, exactly (a power of two)."""
+    if d < D:
+        v = tl.load(z_ptr + z_row + d * szd, mask=row_ok, other=0.0).to(ACC) - tl.load(mu_ptr + d)
+    else:
+        v = (z_row * 0).to(ACC)
+    return v * -2.0
+
+
+@triton.jit
+def _code_col(code_ptrs, k_ok, d: tl.constexpr, MASKED: tl.constexpr):
+    """e[:, d] of a codebook tile, given pointers to its codes (0 past K when MASKED)."""
+    if MASKED:
+        e = tl.load(code_ptrs + d, mask=k_ok, other=0.0)
+    else:
+        e = tl.load(code_ptrs + d)
+    return e
+
+
+@triton.jit
+def _fma_col(acc, zc, code_ptrs, k_ok, d: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+    """acc + zc (x) e[:, d] over a codebook tile (one FMA per pair)."""
+    if d < D:
+        acc = acc + zc[:, None] * _code_col(code_ptrs, k_ok, d, MASKED)[None, :]
+    return acc
+
+
+@triton.jit
+def _small_d_tile(best, best_k, k0, K, code_ptrs, norm_ptrs, offs_k, z0, z1, z2, z3, z4, z5, z6, z7,
+                  D: tl.constexpr, MASKED: tl.constexpr):
+    """One codebook tile for D <= 8: scores ||e||^2 - 2 z.e by D FMAs per pair (the first starts
+    from the norm), then the running best per (row, slot) by one compare and two selects.
+    Strict <: within a slot the earlier tile (the lower index) keeps a tie."""
+    k_ok = k0 + offs_k < K
+    if MASKED:  # codes past K score +inf and never win
+        nrm = tl.load(norm_ptrs, mask=k_ok, other=float("inf"))
+    else:
+        nrm = tl.load(norm_ptrs)
+    acc = nrm[None, :] + z0[:, None] * _code_col(code_ptrs, k_ok, 0, MASKED)[None, :]
+    acc = _fma_col(acc, z1, code_ptrs, k_ok, 1, D, MASKED)
+    acc = _fma_col(acc, z2, code_ptrs, k_ok, 2, D, MASKED)
+    acc = _fma_col(acc, z3, code_ptrs, k_ok, 3, D, MASKED)
+    acc = _fma_col(acc, z4, code_ptrs, k_ok, 4, D, MASKED)
+    acc = _fma_col(acc, z5, code_ptrs, k_ok, 5, D, MASKED)
+    acc = _fma_col(acc, z6, code_ptrs, k_ok, 6, D, MASKED)
+    acc = _fma_col(acc, z7, code_ptrs, k_ok, 7, D, MASKED)
+    take = acc < best
+    return tl.where(take, acc, best), tl.where(take, k0, best_k)
+
+
 @triton.jit
 def nearest_code_kernel(
     z_ptr, book_ptr, centred_ptr, norms_ptr, mu_ptr,  # inputs
@@ -28,7 +82,7 @@ def nearest_code_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    PATH: tl.constexpr,  # 0: D <= 8 unrolled on FMAs, 1: tl.dot tiles, 2: FMAs over a loop on D (fp64)
     WRITE_ZQ: tl.constexpr,
     ACC: tl.constexpr,
 ):
@@ -42,45 +96,76 @@ def nearest_code_kernel(
     i0 = (rows // R2 // R1).to(tl.int64)
     z_row = i0 * sz0 + i1 * sz1 + i2 * sz2
 
-    best = tl.full([BLOCK_N], float("inf"), ACC)
-    best_idx = tl.zeros([BLOCK_N], tl.int32)  # K < 2^31; widened for addressing below
+    # A running best per (row, code slot): every tile is an elementwise compare-select, and the
+    # block reduces across its slots once, after the walk (no shuffles or barriers per tile).
+    # Strict <: within a slot the earlier tile (the lower index) keeps a tie.
     offs_k = tl.arange(0, BLOCK_K)
+    best = tl.full([BLOCK_N, BLOCK_K], float("inf"), ACC)
+    best_k = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)  # the start of the winning tile; K < 2^31
     # The tile's base is a pointer advanced tile by tile (64-bit, so K * D may pass 2^31);
     # offsets inside a tile stay 32-bit.
     tile_ptr = centred_ptr
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
-        k_ok = ks < K
-        if USE_DOT:
-            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if PATH == 0:
+        # The block's z rows, centred and scaled, stay in registers for the whole walk.
+        z0 = _z_col(z_ptr, z_row, row_ok, szd, mu_ptr, 0, D, ACC)
+        z1 = _z_col(z_ptr, z_row, row_ok, szd, mu_ptr, 1, D, ACC)
+        z2 = _z_col(z_ptr, z_row, row_ok, szd, mu_ptr, 2, D, ACC)
+        z3 = _z_col(z_ptr, z_row, row_ok, szd, mu_ptr, 3, D, ACC)
+        z4 = _z_col(z_ptr, z_row, row_ok, szd, mu_ptr, 4, D, ACC)
+        z5 = _z_col(z_ptr, z_row, row_ok, szd, mu_ptr, 5, D, ACC)
+        z6 = _z_col(z_ptr, z_row, row_ok, szd, mu_ptr, 6, D, ACC)
+        z7 = _z_col(z_ptr, z_row, row_ok, szd, mu_ptr, 7, D, ACC)
+        row_nan = (z0 != z0) | (z1 != z1) | (z2 != z2) | (z3 != z3) | (z4 != z4) | (z5 != z5) | (z6 != z6) | (z7 != z7)
+        # Full tiles without masks, then the partial last tile (if any) outside the hot loop.
+        # Per-thread pointers advanced tile by tile (64-bit: K * D may pass 2^31).
+        k_full = K - K % BLOCK_K
+        code_ptrs = centred_ptr + offs_k * D
+        norm_ptrs = norms_ptr + offs_k
+        for k0 in range(0, k_full, BLOCK_K):
+            best, best_k = _small_d_tile(best, best_k, k0, K, code_ptrs, norm_ptrs, offs_k,
+                                         z0, z1, z2, z3, z4, z5, z6, z7, D, False)
+            code_ptrs += BLOCK_K * D
+            norm_ptrs += BLOCK_K
+        if k_full < K:
+            best, best_k = _small_d_tile(best, best_k, k_full, K, code_ptrs, norm_ptrs, offs_k,
+                                         z0, z1, z2, z3, z4, z5, z6, z7, D, True)
+    else:
+        # Rows holding a NaN, found once (not per tile).
+        nans = tl.zeros([BLOCK_N], tl.int32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            zt = tl.load(z_ptr + z_row[:, None] + ds[None, :].to(tl.int64) * szd,
+                         mask=row_ok[:, None] & (ds < D)[None, :], other=0.0)
+            nans += tl.sum((zt != zt).to(tl.int32), axis=1)
+        row_nan = nans > 0
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            k_ok = ks < K
+            acc = tl.zeros([BLOCK_N, BLOCK_K], ACC) + tl.load(norms_ptr + ks, mask=k_ok, other=float("inf"))[None, :]
             for d0 in range(0, D, BLOCK_D):
                 ds = d0 + tl.arange(0, BLOCK_D)
                 d_ok = ds < D
-                zt = tl.load(
-                    z_ptr + z_row[:, None] + ds[None, :].to(tl.int64) * szd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-                ).to(tl.float32)
-                zt = zt - tl.load(mu_ptr + ds, mask=d_ok, other=0.0)[None, :]
+                zt = tl.load(z_ptr + z_row[:, None] + ds[None, :].to(tl.int64) * szd,
+                             mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
+                zt = (zt - tl.load(mu_ptr + ds, mask=d_ok, other=0.0)[None, :]) * -2.0
                 et = tl.load(tile_ptr + offs_k[:, None] * D + ds[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-                acc = tl.dot(zt, tl.trans(et), acc, input_precision="ieee")
-        else:
-            acc = tl.zeros([BLOCK_N, BLOCK_K], ACC)
-            for d in range(D):
-                zd = tl.load(z_ptr + z_row + d * szd, mask=row_ok, other=0.0).to(ACC) - tl.load(mu_ptr + d)
-                ed = tl.load(tile_ptr + offs_k * D + d, mask=k_ok, other=0.0)
-                acc += zd[:, None] * ed[None, :]
-        norms = tl.load(norms_ptr + ks, mask=k_ok, other=float("inf"))
-        scores = norms[None, :] - 2.0 * acc
-        # torch.argmin's rule: a NaN is smaller than everything and the first NaN wins, so a row
-        # containing NaN gets index 0 (and a NaN code, every row). -inf stands for NaN here.
-        scores = tl.where(scores != scores, float("-inf"), scores)
-        scores = tl.where(k_ok[None, :], scores, float("inf"))  # codes past K never win
-        tile_best, tile_idx = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        # strict <: on a tie the earlier tile (the lower index) keeps the row
-        take = tile_best < best
-        best = tl.where(take, tile_best, best)
-        best_idx = tl.where(take, tile_idx + k0, best_idx)
-        tile_ptr += BLOCK_K * D
+                if PATH == 1:
+                    acc = tl.dot(zt, tl.trans(et), acc, input_precision="ieee")
+                else:
+                    acc += tl.sum(zt[:, None, :] * et[None, :, :], axis=2)
+            take = acc < best
+            best = tl.where(take, acc, best)
+            best_k = tl.where(take, k0, best_k)
+            tile_ptr += BLOCK_K * D
+    # Once per block: the lowest index among the slots holding the row's minimum. torch.argmin's
+    # rule for NaN distances (a NaN is smaller than everything, the first one wins) gives index 0
+    # to a row containing NaN, and to every row when the codebook holds a NaN or an infinity
+    # (then its mean, and every centred code, is NaN or infinite).
+    low = tl.min(best, axis=1)
+    best_idx = tl.min(tl.where(best == low[:, None], best_k + offs_k[None, :], 2147483647), axis=1)
+    mu = tl.load(mu_ptr + tl.arange(0, BLOCK_D), mask=tl.arange(0, BLOCK_D) < D, other=0.0)
+    book_bad = tl.max((tl.abs(mu) == float("inf")).to(tl.int32) | (mu != mu).to(tl.int32), axis=0) > 0
+    best_idx = tl.where(row_nan | book_bad, 0, best_idx)
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
 
     if WRITE_ZQ:
@@ -97,21 +182,36 @@ def nearest_code_kernel(
         tl.store(sse_ptr + pid, tl.sum(sse, axis=0))
 
 
-def launch_config(D: int, K: int, acc: torch.dtype) -> dict:
+#: The largest code width unrolled on FMAs (z held in registers as one column per dimension).
+SMALL_D = 8
+
+
+def launch_config(D: int, K: int, acc: torch.dtype, arch: int = 90) -> dict:
     """Tile sizes by code width and codebook size (fixed, so runs are deterministic).
 
-    D >= 16 in fp32 goes through tl.dot (64 rows x 32 codes, 16-wide slices of D; its tiles
-    must be at least 16 wide); small D, and fp64, run on FMAs over 32 x 64 tiles (32 x 32 in
-    fp64). These are the largest tiles found to compile for sm_80 and sm_90 without spilling
-    (tests/test_kernel_compile.py checks every entry); tuning them for speed needs a GPU.
+    D <= 8 (MoVQ 4, LDM 3) unrolls the dimensions on FMAs (PATH 0: 32 rows x 64 codes, z in
+    registers); D > 8 in fp32 goes through tl.dot (PATH 1: 64 rows x 64 codes, all of D <= 64 in
+    one product, wider D in 16-wide slices); D > 8 in fp64 loops over D on FMAs (PATH 2). Every entry compiles for sm_80 and sm_90 without
+    spilling and within the budgets in BUDGETS (tests/ops/test_kernel_budgets.py); tuning them
+    for speed needs a GPU.
     """
-    use_dot = D >= 16 and acc == torch.float32
-    if use_dot:
-        return dict(BLOCK_N=64, BLOCK_K=min(32, max(16, triton.next_power_of_2(K))), BLOCK_D=16,
-                    USE_DOT=True, num_warps=8)
-    block_k = 64 if acc == torch.float32 else 32
-    return dict(BLOCK_N=32, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(K))),
-                BLOCK_D=min(16, triton.next_power_of_2(D)), USE_DOT=False, num_warps=4)
+    if D <= SMALL_D:
+        block_k = 64 if acc == torch.float32 else 32  # fp64 slots take twice the registers
+        cfg = dict(BLOCK_N=32, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(K))),
+                   BLOCK_D=triton.next_power_of_2(D), PATH=0, num_warps=4)
+    elif acc == torch.float32:
+        # The whole of D <= 64 in one tl.dot per tile (no inner loop) where the registers allow
+        # (sm_90; sm_80 spills with wider slices); otherwise 16-wide slices.
+        block_d = triton.next_power_of_2(D) if D <= 64 and arch >= 90 else 16
+        # Under the interpreter tl.dot is numpy's matmul, whose rounding depends on a column's
+        # position (BLAS micro-kernels), so equal codes in different tiles could rank apart
+        # there; it takes the same tiles with PATH 2's product, summed alike for every column.
+        # On a GPU, tl.dot on FMAs sums every pair in the same order.
+        cfg = dict(BLOCK_N=64, BLOCK_K=min(64, max(16, triton.next_power_of_2(K))), BLOCK_D=block_d,
+                   PATH=2 if INTERPRETED else 1, num_warps=8)
+    else:
+        cfg = dict(BLOCK_N=32, BLOCK_K=min(32, max(16, triton.next_power_of_2(K))), BLOCK_D=4, PATH=2, num_warps=4)
+    return cfg
 
 
 def aot_cases() -> list[tuple[torch.dtype, int, int, bool]]:
@@ -119,19 +219,19 @@ def aot_cases() -> list[tuple[torch.dtype, int, int, bool]]:
     every pointer type, for ahead-of-time compile checks and resource reports."""
     cases = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        cases += [(dtype, 4, 16384, True), (dtype, 64, 8192, True), (dtype, 256, 16384, False)]
+        cases += [(dtype, 4, 16384, True), (dtype, 8, 1000, True), (dtype, 64, 8192, True), (dtype, 256, 16384, False)]
     cases += [(torch.float32, 3, 8192, False), (torch.float32, 4, 7, True), (torch.float32, 8, 20, True),
               (torch.float32, 17, 7, True), (torch.float32, 1, 1, True),
               (torch.float64, 4, 16384, True), (torch.float64, 64, 100, False)]
     return cases
 
 
-def compile_spec(z_dtype: torch.dtype, book_dtype: torch.dtype, D: int, K: int, write_zq: bool):
+def compile_spec(z_dtype: torch.dtype, book_dtype: torch.dtype, D: int, K: int, write_zq: bool, arch: int = 90):
     """(signature, constexprs, num_warps) of the launch ``nearest_code`` makes for these inputs,
     for ahead-of-time compilation (kernels/aot.py). Pointers are given as the torch dtype they
     point to; sizes and strides as 32-bit ints."""
     acc = torch.float64 if torch.float64 in (z_dtype, book_dtype) else torch.float32
-    cfg = launch_config(D, K, acc)
+    cfg = launch_config(D, K, acc, arch)
     num_warps = cfg.pop("num_warps")
     signature = {
         "z_ptr": z_dtype, "book_ptr": book_dtype, "centred_ptr": acc,
@@ -142,6 +242,14 @@ def compile_spec(z_dtype: torch.dtype, book_dtype: torch.dtype, D: int, K: int, 
     }
     constexprs = dict(D=D, WRITE_ZQ=write_zq, ACC=tl.float64 if acc == torch.float64 else tl.float32, **cfg)
     return signature, constexprs, num_warps
+
+
+def device_arch(device: torch.device) -> int:
+    """The compute capability the kernels compile for on ``device`` (90 for the interpreter)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _row_dims(shape: tuple[int, ...], *strides: tuple[int, ...]) -> tuple[list[int], list[list[int]]]:
@@ -185,7 +293,7 @@ def nearest_code(
     if N == 0:
         return indices, z_q, sse if write_zq else None
     mu, centred, norms = centred
-    cfg = launch_config(D, K, acc)
+    cfg = launch_config(D, K, acc, device_arch(z.device))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     partial = torch.empty(grid[0], dtype=acc, device=z.device)
     nearest_code_kernel[grid](
@@ -199,17 +307,32 @@ def nearest_code(
     return indices, z_q, partial.sum() if write_zq else None
 
 
+def budget(row: dict) -> dict | None:
+    """Limits on the compiled hot loop (sm_90) for a static cost report row of this kernel, or
+    None where no budget applies. Why these numbers: a pair costs D FMAs and one compare with two
+    selects at the issue limit, so D <= 8 may spend 12 instructions on it and no shuffle or
+    barrier (a cross-thread argmin per tile cost 78); tl.dot tiles (D >= 16) may spend 30% over
+    D plus 8, padded D counting, and no shuffle. fp64 and tiles smaller than the full 64 codes
+    (K < 64) are not budgeted."""
+    if row["arch"] != "sm_90" or row["dtype"] == "float64" or row["BLOCK_K"] < 64:
+        return None
+    if row["D"] <= SMALL_D:
+        return dict(loop_instructions_per_item=12, loop_shuffles=0, loop_barriers=0)
+    padded = triton.cdiv(row["D"], row["BLOCK_D"]) * row["BLOCK_D"]
+    return dict(loop_instructions_per_item=1.3 * padded + 8, loop_shuffles=0)
+
+
 #: Rows of z in the benchmark case behind each static estimate (a 512x512 MoVQ image has 4096
 #: latent vectors; 16 images).
 BENCH_ROWS = 65536
 
 
-def aot_launches() -> list[dict]:
+def aot_launches(arch: int) -> list[dict]:
     """The launches of aot_cases() for kernels/aot.py: compile spec, what one hot-loop trip
     covers, and the benchmark case's items and bytes."""
     out = []
     for dtype, D, K, write_zq in aot_cases():
-        signature, constexprs, num_warps = compile_spec(dtype, dtype, D, K, write_zq)
+        signature, constexprs, num_warps = compile_spec(dtype, dtype, D, K, write_zq, arch)
         acc_bytes = 8 if dtype == torch.float64 else 4
         elt = torch.empty((), dtype=dtype).element_size()
         N = BENCH_ROWS
@@ -218,7 +341,7 @@ def aot_launches() -> list[dict]:
             signature=signature, constexprs=constexprs, num_warps=num_warps,
             divisible=tuple(n for n, t in signature.items() if isinstance(t, torch.dtype)),
             items_per_iteration=constexprs["BLOCK_N"] * constexprs["BLOCK_K"],
-            inner_trips=triton.cdiv(D, constexprs["BLOCK_D"]) if constexprs["USE_DOT"] else D,
+            inner_trips=None if constexprs["PATH"] == 0 else triton.cdiv(D, constexprs["BLOCK_D"]),
             items=N * K, bytes=N * D * elt * (2 if write_zq else 1) + N * 8 + K * D * acc_bytes,
         ))
     return out

@@ -239,7 +239,7 @@ def compile_spec(dtype: torch.dtype, B: int, C: int, G: int, P: int, spatial: bo
             (group_apply_kernel, apply_sig, apply_const, num_warps)]
 
 
-def aot_launches() -> list[dict]:
+def aot_launches(arch: int) -> list[dict]:
     """The launches of aot_cases() for kernels/aot.py (NCHW-contiguous inputs)."""
     out = []
     for dtype, B, C, G, P, spatial in aot_cases():
@@ -253,3 +253,18 @@ def aot_launches() -> list[dict]:
                             inner_trips=triton.cdiv(C // G, cfg["BLOCK_C"]), items=numel,
                             bytes=numel * elt * (1 if i == 0 else 2)))
     return out
+
+
+def budget(row: dict) -> dict | None:
+    """Limits on the compiled hot loop (sm_90) for a static cost report row, or None where no
+    budget applies (the generic strided path). Why: an fp16 norm at an H200's 4.3 TB/s may spend
+    ~45 instructions per element over all passes, so stats (one read) gets 6, apply (a read and
+    a write) 10 with SiLU and 14 with SpatialNorm's gathered scale and shift; and 64-bit or wider
+    global accesses, as scalar ones cannot keep up with the bandwidth."""
+    if row["arch"] != "sm_90" or row.get("layout") not in ("nchw", "channels_last"):
+        return None
+    if row["kernel"] == "group_stats":
+        limit = 6
+    else:
+        limit = 14 if row["spatial"] else 10
+    return dict(loop_instructions_per_item=limit, loop_shuffles=0, loop_barriers=0, min_global_bits=64)

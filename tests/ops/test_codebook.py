@@ -240,3 +240,14 @@ def test_model_on_the_triton_path_matches_eager():
     # the norms run their kernels too now: equal to rounding, not bitwise
     assert ((out.sample - ref.sample).abs().max() / ref.sample.abs().max()).item() <= 1e-5
     assert torch.allclose(out.commit_loss, ref.commit_loss, rtol=1e-6)
+
+
+def test_nan_in_the_codebook_gives_every_row_index_zero(backend):
+    """A NaN code makes the codebook mean, so every centred code, NaN: every distance of the
+    ranking is NaN and torch.argmin's first NaN is index 0, for every row."""
+    g = torch.Generator().manual_seed(5)
+    for D in (4, 32):
+        codebook = torch.randn(100, D, generator=g)
+        codebook[70, 1] = float("nan")
+        z = torch.randn(9, D, generator=g)
+        assert vf.nearest_code(z.to(DEVICE), codebook.to(DEVICE)).tolist() == [0] * 9

@@ -27,8 +27,8 @@ def compiled():
 def test_every_launch_configuration_is_covered(compiled):
     books = [r for r in compiled if r["kernel"] == "nearest_code"]
     assert len(books) == 2 * len(codebook.aot_cases())
-    reached = {(r["USE_DOT"], r["BLOCK_N"], r["BLOCK_K"], r["BLOCK_D"], r["dtype"] == "float64") for r in books}
-    assert {use_dot for use_dot, *_ in reached} == {True, False}
+    reached = {(r["PATH"], r["BLOCK_N"], r["BLOCK_K"], r["BLOCK_D"], r["dtype"] == "float64") for r in books}
+    assert {path for path, *_ in reached} == {0, 1, 2}
     assert {block_k for _, _, block_k, _, _ in reached} == {16, 32, 64}
     assert any(fp64 for *_, fp64 in reached)
     norms = [r for r in compiled if r["kernel"] in ("group_stats", "group_apply")]
@@ -90,3 +90,47 @@ def test_sass_reader_counts_the_hot_loop():
         aot.hot_loop(instrs, inner_trips=None)
     assert aot.estimate_us(10.0, 32 * 132 * 4 * 1980, 0) == pytest.approx(10.0)  # 10 us of issue
     assert aot.estimate_us(0.0, 1, 43_000_000) == pytest.approx(10.0)  # 43 MB at 4.3 TB/s
+
+
+#: Rows that miss their budget today, named so that the test fails once they meet it (strict).
+KNOWN_MISSES = {
+    # tl.dot on FMAs reloads and re-centres z and its operands every 16-wide slice: ~370-385
+    # instructions per pair against 1.3 x 256 + 8 = 341.
+    ("nearest_code", "float32", 256), ("nearest_code", "float16", 256), ("nearest_code", "bfloat16", 256),
+    # the norm kernels before their layout-specialised paths
+    *((k, t, None) for k in ("group_stats", "group_apply") for t in ("float32", "float16", "bfloat16")),
+}
+
+
+def budget_misses(compiled, known: bool) -> list[str]:
+    """Every budgeted row's misses (sm_90): instruction, shuffle and barrier limits, and the
+    narrowest global load and store of the hot loop. The budgets live beside the kernels."""
+    limits = {"nearest_code": codebook.budget, "group_stats": group_norm.budget, "group_apply": group_norm.budget}
+    misses, budgeted = [], set()
+    for r in compiled:
+        b = limits[r["kernel"]](r)
+        if b is None:
+            continue
+        budgeted.add(r["kernel"])
+        if ((r["kernel"], r["dtype"], r.get("D")) in KNOWN_MISSES) != known:
+            continue
+        for key, limit in b.items():
+            if key == "min_global_bits":
+                widths = r["global_load_bits"] + r["global_store_bits"]
+                if not widths or min(widths) < limit:
+                    misses.append(f"{r}: global widths {widths} below {limit} bits")
+            elif r[key] > limit:
+                misses.append(f"{r}: {key} = {r[key]} over its budget {limit}")
+    if not known:
+        assert budgeted == set(limits), f"no budgeted row for {set(limits) - budgeted}"
+    return misses
+
+
+def test_hot_loops_hold_their_budgets(compiled):
+    misses = budget_misses(compiled, known=False)
+    assert not misses, "\n".join(misses)
+
+
+@pytest.mark.xfail(strict=True, reason="known budget misses (KNOWN_MISSES): see bench/results/kernel-resources.md")
+def test_known_budget_misses_still_miss(compiled):
+    assert not budget_misses(compiled, known=True)
