@@ -282,7 +282,13 @@ class Earlier:
 
 def read_earlier(output: Path) -> Earlier:
     sources = ([output] if output.exists() else []) + tokenfile.list_parts(tokenfile.parts_folder(output))
-    return Earlier([(source, tokenfile.read_contents(source)) for source in sources])
+    files = []
+    for source in sources:
+        try:
+            files.append((source, tokenfile.read_contents(source)))
+        except ValueError as e:
+            raise UsageError(f"-o: {e}; choose another -o, or pass --overwrite to replace it") from e
+    return Earlier(files)
 
 
 def reusable(earlier: Earlier, key: tokenfile.Key, output: Path, hashes: dict[str, str]):
