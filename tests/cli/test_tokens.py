@@ -177,7 +177,7 @@ def test_one_image_over_the_budget_is_refused_before_compute(tmp_path, data, mod
     assert encode(folder, "--model", model_dir, "-o", out) == 0
     monkeypatch.setattr(tokens, "decode_ids", lambda m, x: pytest.fail("computed"))
     assert decode(out, "--model", model_dir, "-o", tmp_path / "png", "--max-memory", "1MiB") == 2
-    assert "one 16x16 image needs about 1.5 MiB to decode" in capsys.readouterr().err
+    assert "one 16x16 image (a token grid of 8x8) needs about 1.5 MiB to decode" in capsys.readouterr().err
 
 
 def test_batch_size_formula_and_sizes():
@@ -480,6 +480,9 @@ def test_huge_headers_are_skipped_before_decoding_and_sizes_never_mix(tmp_path, 
     assert tokenfile.read_contents(out).names == names
     assert encode(folder, "--model", model_dir, "-o", tmp_path / "s.safetensors", "--max-pixels", 100) == 1
     assert "none of the 7 images could be read" in capsys.readouterr().err
+    before = out.read_bytes()  # a lower limit on a rerun keeps the rows made from the same bytes
+    assert encode(folder, "--model", model_dir, "-o", out, "--max-pixels", 100) == 0
+    assert out.read_bytes() == before
 
     save_image(folder / "a-small.png", size=(8, 8))
     assert encode(folder, "--model", model_dir, "-o", tmp_path / "m.safetensors") == 2

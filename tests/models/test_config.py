@@ -115,6 +115,7 @@ def test_model_copies_and_pickles():
         (dict(force_upcast=1), "force_upcast", "true or false"),
         (dict(vq_embed_dim=0), "vq_embed_dim", "a positive integer or null"),
         (dict(scaling_factor=float("nan")), "scaling_factor", "a finite number"),
+        (dict(sample_size="32"), "sample_size", "a positive integer (or a list of two)"),
     ],
 )
 def test_bad_config_values_are_refused_by_key_value_and_file(tmp_path, change, key, expected):

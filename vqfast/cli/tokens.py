@@ -141,9 +141,10 @@ def load_model(args: argparse.Namespace, device: torch.device) -> VQModel:
         dtype = getattr(torch, args.dtype)
     if dtype == torch.float16 and device.type == "cpu":
         raise UsageError("--dtype float16 needs a CUDA device (got --device cpu): use float32 or bfloat16 on CPU")
-    if model.config.in_channels != 3:
-        raise UsageError(f"{label}: vqfast encode/decode read and write RGB images, but the model has "
-                         f"in_channels={model.config.in_channels} (expected 3)")
+    key = "in_channels" if args.command == "encode" else "out_channels"
+    if model.config[key] != 3:
+        raise UsageError(f"{label}: vqfast {args.command} {'reads' if key == 'in_channels' else 'writes'} RGB "
+                         f"images, but the model has {key}={model.config[key]} (expected 3)")
     model = model.to(device=device, dtype=dtype)
     check_finite(model, label)
     return model
@@ -163,6 +164,7 @@ def choose_batch(args: argparse.Namespace, ranks: sharding.Ranks, model: VQModel
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     limit = budget.parse_size(args.max_memory) if args.max_memory else budget.default_budget(ranks.device)
+    factor = downsampling(model)
     estimate = budget.estimate_per_image(model.config, height, width, model.dtype, command)
     per_image, how = estimate, "estimated"
     if ranks.device.type == "cuda" and estimate <= 4 * limit:  # measuring a hopeless size would only run out
@@ -173,7 +175,8 @@ def choose_batch(args: argparse.Namespace, ranks: sharding.Ranks, model: VQModel
     given = "" if args.max_memory else " (default)"
     size = sharding.all_min(ranks, budget.batch_size(limit, per_image, args.batch_size) if per_image <= limit else 0)
     if size == 0:  # every rank refuses together (a measured size may differ between GPUs)
-        raise UsageError(f"one {width}x{height} image needs about {budget.format_size(per_image)} to {command} "
+        grid = "" if command == "encode" else f" (a token grid of {width // factor}x{height // factor})"
+        raise UsageError(f"one {width}x{height} image{grid} needs about {budget.format_size(per_image)} to {command} "
                          f"({how}), more than --max-memory {budget.format_size(limit)}{given}: raise --max-memory"
                          + (" or choose a smaller --size" if command == "encode" else ""))
     note = ""
@@ -357,11 +360,14 @@ def encode_locked(args, ranks, model, items, factor, max_pixels, output, manifes
     hashes = {item.name: header.digest for item, header in zip(items, headers)}
     skipped = {item.name: header.problem for item, header in zip(items, headers) if header.problem}
     readable = [(item, header) for item, header in zip(items, headers) if not header.problem]
-    if not readable:
+    earlier = read_earlier(output)
+    if not readable and not earlier.files:
         raise NothingEncoded(f"none of the {len(items)} images could be read:\n  "
                              + "\n  ".join(f"{n!r}: {r}" for n, r in skipped.items()))
-    height, width = run_size(readable, args.size, factor)
-    earlier = read_earlier(output)
+    if readable or args.size:
+        height, width = run_size(readable, args.size, factor)
+    else:  # every input was read before: the earlier run's size (the key check below still applies)
+        height, width = earlier.files[0][1].key.image_size
     dummy = torch.zeros(1, 3, height, width, device=ranks.device, dtype=model.dtype)
     batch = choose_batch(args, ranks, model, height, width, "encode", lambda: encode_ids(model, dummy),
                          earlier.batch_sizes(), f"-o {output} (and its parts)")
@@ -372,8 +378,8 @@ def encode_locked(args, ranks, model, items, factor, max_pixels, output, manifes
         batch_size=batch,
     )
     rows, earlier_skips = reusable(earlier, key, output, hashes)
-    for name in skipped:
-        rows.pop(name, None)  # an unreadable file cannot still hold the image of its earlier row
+    # an earlier row for the same bytes stays (e.g. under a lower --max-pixels): nothing is dropped
+    skipped = {name: reason for name, reason in skipped.items() if name not in rows}
     todo = [item for item, _ in readable if item.name not in rows and item.name not in earlier_skips]
     if ranks.is_main:
         for name, reason in skipped.items():

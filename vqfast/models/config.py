@@ -52,7 +52,7 @@ def init_args_from_config(
 
 #: Keys holding a count that must be a positive integer.
 _POSITIVE_INTS = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "num_vq_embeddings",
-                  "norm_num_groups", "sample_size")
+                  "norm_num_groups")
 _BOOLS = ("mid_block_add_attention", "lookup_from_codebook", "force_upcast")
 #: SpatialNorm's GroupNorm has 32 groups whatever the config says (as in diffusers).
 SPATIAL_NORM_GROUPS = 32
@@ -79,6 +79,10 @@ def validate_config(config: dict[str, Any], source: str | None = None, defaults:
     for key in _POSITIVE_INTS:
         if key in c and not (is_int(c[key]) and c[key] >= 1):
             raise bad(key, "a positive integer")
+    size = c.get("sample_size", 1)
+    if not (is_int(size) and size >= 1) and not (isinstance(size, (list, tuple)) and len(size) == 2
+                                                  and all(is_int(x) and x >= 1 for x in size)):
+        raise bad("sample_size", "a positive integer (or a list of two)")
     if c.get("vq_embed_dim") is not None and not (is_int(c["vq_embed_dim"]) and c["vq_embed_dim"] >= 1):
         raise bad("vq_embed_dim", "a positive integer or null (null: latent_channels)")
     for key in _BOOLS:
