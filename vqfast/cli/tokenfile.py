@@ -220,8 +220,11 @@ def open_for_decode(path: Path) -> tuple[torch.Tensor, list[str], dict[str, str]
     tokens = tensors[TENSOR]
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise ValueError(f"{path}: tensor {TENSOR!r} must hold integer token ids, got dtype {tokens.dtype}")
-    if tokens.dtype in _UNSIGNED:  # ids of any integer width; a uint64 beyond int64 shows as out of range
-        tokens = tokens.to(torch.int64)
+    if tokens.dtype in _UNSIGNED:  # ids of any integer width
+        unsigned, tokens = tokens.dtype, tokens.to(torch.int64)
+        if tokens.numel() and int(tokens.min()) < 0:  # uint64 values of 2**63 and more wrap around
+            raise ValueError(f"{path}: tensor {TENSOR!r} {tuple(tokens.shape)} {unsigned} holds ids of 2**63 or "
+                             "more, outside any codebook")
     if tokens.ndim != 3 or 0 in tokens.shape[1:]:
         raise ValueError(f"{path}: tensor {TENSOR!r} must be 3-D (N, h, w) with h, w >= 1, "
                          f"got shape {tuple(tokens.shape)}")
