@@ -510,7 +510,8 @@ def test_decode_checks_the_model_and_the_pngs_it_finds(tmp_path, data, model_dir
 
     assert decode(out, "--model", model_dir, "-o", png) == 2  # the PNGs there are the other model's
     err = capsys.readouterr().err
-    assert "already holds 6 PNGs that were not decoded from this token file by this model" in err
+    assert "already holds 6 PNGs that were not decoded from this token file by this model, dtype and batch" in err
+    assert "img0.png: model '" in err  # names what differs
     assert decode(out, "--model", model_dir, "-o", png, "--overwrite") == 0
     reference = tmp_path / "reference"
     assert decode(out, "--model", model_dir, "-o", reference) == 0
@@ -518,7 +519,7 @@ def test_decode_checks_the_model_and_the_pngs_it_finds(tmp_path, data, model_dir
         assert (png / name).read_bytes() == (reference / name).read_bytes(), name
     save_image(png / "img0.png", seed=5)  # a stranger under a finished name
     assert decode(out, "--model", model_dir, "-o", png) == 2
-    assert "1 PNGs that were not decoded" in capsys.readouterr().err
+    assert "1 PNGs that were not decoded" in (err := capsys.readouterr().err) and "img0.png: it has no vqfast stamp" in err
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32])

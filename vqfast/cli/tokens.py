@@ -517,10 +517,17 @@ def decode_locked(args, ranks, model, tokens, names, targets, out_dir, source, d
     expected = [stamp(digest, r, names[r], fingerprint, dtype, batch) for r in range(n)]
     done = [isinstance(s, dict) and json.dumps(s, sort_keys=True, separators=(",", ":")) == expected[r]
             for r, s in enumerate(found)]
-    foreign = [names[r] for r, s in enumerate(found) if s is not None and not done[r]]
+    foreign = [r for r, s in enumerate(found) if s is not None and not done[r]]
     if foreign and not args.overwrite:
+        first, theirs = foreign[0], found[foreign[0]]
+        if isinstance(theirs, dict):
+            mine = json.loads(expected[first])
+            why = ", ".join(f"{k} {theirs.get(k)!r} (this run: {v!r})" for k, v in mine.items() if theirs.get(k) != v)
+        else:
+            why = "it has no vqfast stamp"
         raise UsageError(f"-o {out_dir} already holds {len(foreign)} PNGs that were not decoded from this token file "
-                         f"by this model ({examples(foreign)}); choose another -o, or pass --overwrite to replace them")
+                         f"by this model, dtype and batch size ({examples(names[r] for r in foreign)}; "
+                         f"{targets[first]}: {why}); choose another -o, or pass --overwrite to replace them")
     pending = [chunk for chunk in sharding.batches(list(range(n)), batch) if not all(done[r] for r in chunk)]
     mine = sharding.shard(pending, ranks)
     written = 0
