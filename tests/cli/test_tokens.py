@@ -632,3 +632,16 @@ def test_names_too_long_to_write_are_refused_before_compute(tmp_path, data, mode
     save_file({"tokens": torch.zeros(1, 4, 4, dtype=torch.int16)}, path, metadata={"names": json.dumps(["n" * 255])})
     assert decode(path, "--model", model_dir, "-o", tmp_path / "out") == 2
     assert "the names of its images" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_exits_1_in_one_line(tmp_path, data, model_dir, capsys, monkeypatch):
+    folder, _ = data
+
+    def fail(model, x):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(tokens, "encode_ids", fail)
+    assert encode(folder, "--model", model_dir, "-o", tmp_path / "t.safetensors") == 1
+    err = capsys.readouterr().err
+    assert err == ("vqfast encode: error: RuntimeError: DefaultCPUAllocator: not enough memory "
+                   "(--debug shows the traceback)\n")

@@ -52,9 +52,8 @@ def exit_status(error: BaseException) -> int:
     """The exit status of an error that reached the command's boundary (see the module docstring)."""
     if isinstance(error, RunFailed):
         return EXIT_FAILED
-    if isinstance(error, (UsageError, ValueError, TypeError, ImportError, json.JSONDecodeError, LookupError,
-                          FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-                          FileExistsError)):
+    if isinstance(error, (UsageError, ValueError, ImportError, json.JSONDecodeError, FileNotFoundError,
+                          IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)):
         return EXIT_BAD_INPUT
     return EXIT_FAILED  # OSError (a full disk...), RuntimeError (out of memory...), anything else
 
