@@ -437,17 +437,17 @@ def finish_encode(args, ranks, items, skipped, reused, hashes, key, output, mani
     else:
         merged = {}
         output.unlink(missing_ok=True)  # no row: no token file, the manifest says why
-    reused = sum(1 for n in names if n in reused)
+    kept = sum(1 for n in names if n in reused)
     tokenfile.write_json(manifest_path, {
         "format": "vqfast.encode-manifest/2", "tokens": output.name, "vqfast_version": __version__,
         "images": len(items), "encoded": len(names), "skipped_count": len(skipped),
-        "from_earlier_runs": reused, "world_size": ranks.world,
+        "from_earlier_runs": kept, "world_size": ranks.world,
         "key": dataclasses.asdict(key), "rows": merged, "skipped": dict(sorted(skipped.items())),
     })
     shutil.rmtree(parts, ignore_errors=True)
     if names:
         print(f"{len(names)} of {len(items)} images -> {output} ({key.grid[0]}x{key.grid[1]} tokens each"
-              + (f"; {reused} kept from earlier runs" if reused else "") + ")"
+              + (f"; {kept} kept from earlier runs" if kept else "") + ")"
               + (f"; {len(skipped)} skipped, listed in {manifest_path}" if skipped else ""))
     else:
         report("encode", f"none of the {len(items)} images could be encoded; reasons in {manifest_path}")
