@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vqfast {chosen}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     args = parser.parse_args(argv)  # argparse prints usage and exits 2 on its own
-    previous = None
+    installed, previous = False, None
     try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous, installed = signal.signal(signal.SIGTERM, _on_sigterm), True
     except ValueError:  # not the main thread: leave signals alone
         pass
     try:
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return status
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":
