@@ -2,8 +2,9 @@
 
 ``--max-memory`` bounds the working memory of one batch (activations, the images or ids going in,
 the pixels coming out), not the model's weights. The batch size is
-``max(1, min(cap, budget // per_image))`` with ``cap`` = ``--batch-size`` (default 256: larger
-batches do not run faster and make resume coarser).
+``min(cap, budget // per_image)`` with ``cap`` = ``--batch-size`` (default 256: larger batches do
+not run faster and make resume coarser); when one image alone needs more than the budget the
+command refuses to start (vqfast.cli.tokens.choose_batch) rather than run over it.
 
 Bytes per image:
 
