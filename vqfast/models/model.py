@@ -312,8 +312,10 @@ class VQModel(nn.Module):
           vqfast puts the whole model on one device: splitting it is refused.
         - ``output_loading_info=True`` returns ``(model, info)`` with diffusers' keys; since every
           weight must load (anything else raises), its lists are empty.
-        - ``variant``, ``use_safetensors``, ``subfolder`` as in diffusers; ``disable_mmap`` reads
-          each file into memory instead of mapping it.
+        - ``variant``, ``use_safetensors``, ``subfolder`` as in diffusers. With low_cpu_mem_usage
+          the weights of a safetensors file stay mapped from it (read on first use, shared with the
+          page cache), as in diffusers; ``disable_mmap=True`` reads each file into memory instead
+          (for files that may be rewritten in place while the model lives).
         - a hub repo id ("owner/name") is downloaded through huggingface_hub when installed, with
           ``revision``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download``,
           ``proxies``. For a local folder these are accepted and have nothing to do (as in diffusers).
