@@ -16,10 +16,10 @@ from pathlib import Path
 import triton
 
 RESULTS = Path(__file__).parent / "results"
-COLUMNS = ["kernel", "dtype", "layout", "D", "K", "N", "write_zq", "B", "C", "G", "HW", "spatial", "arch",
+COLUMNS = ["kernel", "dtype", "layout", "path", "D", "K", "N", "write_zq", "B", "C", "G", "HW", "spatial", "arch",
            "num_warps", "USE_DOT", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK_P", "BLOCK_C", "BLOCK", "VEC", "PATH",
            "registers", "shared", "spill_stores", "spill_loads", "loop_instructions_per_item", "loop_shuffles",
-           "loop_barriers", "global_load_bits", "global_store_bits", "estimate_us_h200"]
+           "loop_barriers", "global_load_bits", "global_store_bits", "estimate_us_h200", "note"]
 
 
 def markdown(rows: list[dict], meta: dict) -> str:

@@ -207,10 +207,11 @@ def report(archs: tuple[int, ...] = (80, 90)) -> list[dict]:
     for arch in archs:
         for launch in launches(arch):
             fn = launch["kernel"]
-            name = (getattr(fn, "__name__", None) or fn.fn.__name__).removesuffix("_kernel")
+            name = launch.get("name") or (getattr(fn, "__name__", None) or fn.fn.__name__).removesuffix("_kernel")
             constexprs = launch["constexprs"]
             config = {k: v for k, v in constexprs.items()
                       if k.startswith(("BLOCK", "USE", "SPATIAL", "SILU", "VEC", "PATH")) and not callable(v)}
+            config.update(kernel_function=getattr(fn, "__name__", None) or fn.fn.__name__)
             key = (fn, _freeze(launch["signature"]), _freeze(constexprs), launch["num_warps"], arch,
                    tuple(sorted(launch.get("divisible", ()))))
             cost = analyse(_compiled(key), launch["num_warps"], launch["items_per_iteration"], launch.get("inner_trips"))

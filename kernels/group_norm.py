@@ -78,6 +78,225 @@ def group_stats_kernel(
 
 
 @triton.jit
+def _group_moments(part_ptr, bg, S, eps, BLOCK_S: tl.constexpr):
+    """Mean and 1 / sqrt(var + eps) of group bg from its S <= BLOCK_S partials (count, mean, M2):
+    n = sum n_i, mean = sum n_i mean_i / n, M2 = sum M2_i + sum n_i (mean_i - mean)^2 (Chan)."""
+    base = part_ptr + bg.to(tl.int64) * S * 3
+    j = tl.arange(0, BLOCK_S)
+    ni = tl.load(base + j * 3, mask=j < S, other=0.0)
+    mi = tl.load(base + j * 3 + 1, mask=j < S, other=0.0)
+    total = tl.sum(ni)
+    mean = tl.sum(ni * mi) / total
+    di = mi - mean
+    m2 = tl.sum(tl.load(base + j * 3 + 2, mask=j < S, other=0.0) + ni * di * di)
+    return mean, 1.0 / tl.sqrt(m2 / total + eps)
+
+
+@triton.jit
+def _slot_step(mean, m2, x, inv):
+    """Welford's update of per-slot (mean, M2) by one value per slot; inv = 1 / the slots' new
+    count, the same for every slot of a full tile (a scalar, so no division per element)."""
+    d = x - mean
+    mean = mean + d * inv
+    return mean, m2 + d * (x - mean)
+
+
+@triton.jit
+def _store_partial(part_ptr, bg, s, S, full, ok, x, mean, m2):
+    """Add the partial last tile x (valid where ok) to the per-slot (mean, M2) of ``full`` full
+    tiles, then combine the slots into the program's partial (count, mean, M2) by Chan's
+    formula: the one reduction of a program."""
+    cnt = full + ok.to(tl.float32)
+    d = tl.where(ok, x - mean, 0.0)
+    mean = mean + d / tl.maximum(cnt, 1.0)
+    m2 = m2 + d * (x - mean)
+    n = tl.sum(cnt)
+    pmean = tl.sum(cnt * mean) / n
+    d = mean - pmean
+    pm2 = tl.sum(m2 + cnt * d * d)
+    out = part_ptr + (bg * S + s).to(tl.int64) * 3
+    tl.store(out, n)
+    tl.store(out + 1, pmean)
+    tl.store(out + 2, pm2)
+
+
+#: On a GPU, reciprocals are one MUFU.RCP (rcp.approx.ftz: 1 ulp) instead of a division with
+#: range fixups; the interpreter cannot run inline PTX and divides.
+_PTX: tl.constexpr = tl.constexpr(not INTERPRETED)
+
+
+@triton.jit
+def _rcp(x):
+    """1 / x, approximate to 1 ulp (flushing denormals)."""
+    if _PTX:
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        r = 1.0 / x
+    return r
+
+
+@triton.jit
+def _silu(y, HALF: tl.constexpr):
+    """y * sigmoid(y). fp32 output: y / (1 + 2^(-y log2 e)) with the hardware's exp2 and
+    reciprocal (a few ulp; below -88 it gives -0.0, the limit). fp16/bf16 output (HALF): h + h *
+    tanh(h), h = y / 2, with the hardware's tanh (error about 2^-11 of y, under an fp16 ulp of
+    the result); three instructions instead of five."""
+    if _PTX and HALF:
+        h = y * 0.5
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [h], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        r = h + h * t
+    else:
+        r = y * _rcp(1.0 + tl.exp2(y * -1.4426950408889634))
+    return r
+
+
+@triton.jit
+def slab_stats_kernel(
+    x_ptr, part_ptr,  # x contiguous NCHW: group bg is the slab of CG * P elements from bg * CG * P
+    PV, S, per_blocks,  # positions H * W / VEC, splits per group, slab elements per program / BLOCK
+    CG: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+):
+    """Partial statistics of 1/S of a group's slab: one value per slot per trip, Welford per slot
+    (no reduction and no division per element), one reduction per program."""
+    bg = tl.program_id(0)
+    s = tl.program_id(1)
+    # Sizes passed as multiples of constexprs, so the compiler knows every run starts 16-byte
+    # aligned (the launcher guarantees H * W * itemsize % 16 == 0 and aligned pointers).
+    P = PV * VEC
+    per_prog = per_blocks * BLOCK
+    start = s * per_prog
+    length = tl.minimum(per_prog, CG * P - start)
+    offs = tl.arange(0, BLOCK)
+    # offsets from the trip number (not a pointer carried through the loop), so that the
+    # compiler sees contiguous, aligned runs and issues vector loads
+    base = x_ptr + bg.to(tl.int64) * (CG * P) + start
+    mean = tl.zeros([BLOCK], tl.float32)
+    m2 = tl.zeros([BLOCK], tl.float32)
+    full = length // BLOCK
+    for t in range(full):
+        mean, m2 = _slot_step(mean, m2, tl.load(base + t * BLOCK + offs).to(tl.float32), _rcp(t + 1.0))
+    ok = offs < length - full * BLOCK
+    x = tl.load(base + full * BLOCK + offs, mask=ok, other=0.0).to(tl.float32)
+    _store_partial(part_ptr, bg, s, S, full, ok, x, mean, m2)
+
+
+@triton.jit
+def pixel_stats_kernel(
+    x_ptr, part_ptr,  # x channels_last: group g is CG contiguous channels at every pixel
+    P, G, S, per_blocks,  # positions H * W, groups, splits, pixels per program / BLOCK_P
+    CG: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """As slab_stats_kernel, over [BLOCK_P pixels, CG channels] tiles of a channels_last x."""
+    bg = tl.program_id(0)
+    s = tl.program_id(1)
+    C = G * CG  # a multiple of CG, as the compiler then knows: CG-wide aligned vectors
+    per_prog = per_blocks * BLOCK_P
+    start = s * per_prog
+    length = tl.minimum(per_prog, P - start)
+    pix = tl.arange(0, BLOCK_P)
+    ch = tl.arange(0, CG)
+    bb = (bg // G).to(tl.int64)
+    c0 = (bg % G) * CG
+    base = x_ptr + bb * P * C + start.to(tl.int64) * C + c0
+    tile = pix[:, None] * C + ch[None, :]  # 32-bit inside a tile: BLOCK_P * C < 2^31
+    mean = tl.zeros([BLOCK_P, CG], tl.float32)
+    m2 = tl.zeros([BLOCK_P, CG], tl.float32)
+    full = length // BLOCK_P
+    for t in range(full):
+        x = tl.load(base + t * (BLOCK_P * C) + tile).to(tl.float32)  # < P * C < 2^31
+        mean, m2 = _slot_step(mean, m2, x, _rcp(t + 1.0))
+    ok = (pix < length - full * BLOCK_P)[:, None] & (ch < CG)[None, :]
+    x = tl.load(base + full * (BLOCK_P * C) + tile, mask=ok, other=0.0).to(tl.float32)
+    _store_partial(part_ptr, bg, s, S, full, ok, x, mean, m2)
+
+
+@triton.jit
+def slab_apply_kernel(
+    x_ptr, y_ptr, part_ptr, w_ptr, b_ptr,  # x, y contiguous NCHW
+    C, PV, G, S, per_blocks, eps,  # H * W / VEC; positions of one channel per program / BLOCK
+    CG: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
+    AFFINE: tl.constexpr, SILU: tl.constexpr,
+):
+    """Grid (B * C, splits of H * W): one channel's contiguous run per program, so its scale and
+    shift (rstd * w, b - mean * rstd * w) are two scalars and every element one FMA."""
+    bc = tl.program_id(0)
+    s = tl.program_id(1)
+    P = PV * VEC  # see slab_stats_kernel
+    per_prog = per_blocks * BLOCK
+    c = bc % C
+    mean, rstd = _group_moments(part_ptr, (bc // C) * G + c // CG, S, eps, BLOCK_S)
+    a = rstd
+    shift = -mean * rstd
+    if AFFINE:
+        wc = tl.load(w_ptr + c).to(tl.float32)
+        a = rstd * wc
+        shift = tl.load(b_ptr + c).to(tl.float32) - mean * a
+    start = s * per_prog
+    length = tl.minimum(per_prog, P - start)
+    offs = tl.arange(0, BLOCK)
+    base = bc.to(tl.int64) * P + start
+    xp = x_ptr + base
+    yp = y_ptr + base
+    full = length // BLOCK
+    for t in range(full):
+        y = tl.load(xp + t * BLOCK + offs).to(tl.float32) * a + shift
+        if SILU:
+            y = _silu(y, y_ptr.dtype.element_ty != tl.float32)
+        tl.store(yp + t * BLOCK + offs, y.to(y_ptr.dtype.element_ty))
+    ok = offs < length - full * BLOCK
+    y = tl.load(xp + full * BLOCK + offs, mask=ok, other=0.0).to(tl.float32) * a + shift
+    if SILU:
+        y = _silu(y, y_ptr.dtype.element_ty != tl.float32)
+    tl.store(yp + full * BLOCK + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def pixel_apply_kernel(
+    x_ptr, y_ptr, part_ptr, w_ptr, b_ptr,  # x, y channels_last
+    P, G, S, per_blocks, eps,  # per_blocks: pixels per program / BLOCK_P
+    CG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    AFFINE: tl.constexpr, SILU: tl.constexpr,
+):
+    """Grid (B * G, splits of H * W): [BLOCK_P pixels, CG channels] tiles, the group's CG scales
+    and shifts loaded once per program."""
+    bg = tl.program_id(0)
+    s = tl.program_id(1)
+    C = G * CG  # see pixel_stats_kernel
+    per_prog = per_blocks * BLOCK_P
+    mean, rstd = _group_moments(part_ptr, bg, S, eps, BLOCK_S)
+    bb = (bg // G).to(tl.int64)
+    c0 = (bg % G) * CG
+    ch = tl.arange(0, CG)
+    a = tl.zeros([CG], tl.float32) + rstd
+    shift = tl.zeros([CG], tl.float32) - mean * rstd
+    if AFFINE:
+        a = rstd * tl.load(w_ptr + c0 + ch).to(tl.float32)
+        shift = tl.load(b_ptr + c0 + ch).to(tl.float32) - mean * a
+    start = s * per_prog
+    length = tl.minimum(per_prog, P - start)
+    pix = tl.arange(0, BLOCK_P)
+    off = bb * P * C + start.to(tl.int64) * C + c0
+    xp = x_ptr + off
+    yp = y_ptr + off
+    tile = pix[:, None] * C + ch[None, :]  # 32-bit inside a tile: BLOCK_P * C < 2^31
+    full = length // BLOCK_P
+    for t in range(full):
+        step = t * (BLOCK_P * C)  # < P * C < 2^31 (the launcher's guard)
+        y = tl.load(xp + step + tile).to(tl.float32) * a[None, :] + shift[None, :]
+        if SILU:
+            y = _silu(y, y_ptr.dtype.element_ty != tl.float32)
+        tl.store(yp + step + tile, y.to(y_ptr.dtype.element_ty))
+    ok = (pix < length - full * BLOCK_P)[:, None] & (ch < CG)[None, :]
+    step = full * (BLOCK_P * C)
+    y = tl.load(xp + step + tile, mask=ok, other=0.0).to(tl.float32) * a[None, :] + shift[None, :]
+    if SILU:
+        y = _silu(y, y_ptr.dtype.element_ty != tl.float32)
+    tl.store(yp + step + tile, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def group_apply_kernel(
     x_ptr, y_ptr, part_ptr, w_ptr, b_ptr,
     scale_ptr, shift_ptr, src_h_ptr, src_w_ptr,  # SpatialNorm only: (B, C, h, w) maps, nearest index maps
@@ -93,24 +312,7 @@ def group_apply_kernel(
     bb = (bg // G).to(tl.int64)
     c0 = (bg % G) * CG
 
-    # The group's statistics from its S partials: n = sum n_i, mean = sum n_i mean_i / n,
-    # M2 = sum M2_i + sum n_i (mean_i - mean)^2.
-    base = part_ptr + bg.to(tl.int64) * S * 3
-    total = tl.zeros([], tl.float32)
-    weighted = tl.zeros([], tl.float32)
-    for j0 in range(0, S, BLOCK_S):
-        j = j0 + tl.arange(0, BLOCK_S)
-        ni = tl.load(base + j * 3, mask=j < S, other=0.0)
-        total += tl.sum(ni)
-        weighted += tl.sum(ni * tl.load(base + j * 3 + 1, mask=j < S, other=0.0))
-    mean = weighted / total
-    m2 = tl.zeros([], tl.float32)
-    for j0 in range(0, S, BLOCK_S):
-        j = j0 + tl.arange(0, BLOCK_S)
-        ni = tl.load(base + j * 3, mask=j < S, other=0.0)
-        di = tl.load(base + j * 3 + 1, mask=j < S, other=0.0) - mean
-        m2 += tl.sum(tl.load(base + j * 3 + 2, mask=j < S, other=0.0) + ni * di * di)
-    rstd = 1.0 / tl.sqrt(m2 / total + eps)
+    mean, rstd = _group_moments(part_ptr, bg, S, eps, BLOCK_S)
 
     p_start = s * per_prog
     p_end = tl.minimum(p_start + per_prog, P)
@@ -140,20 +342,82 @@ def group_apply_kernel(
 #: interpreter runs programs one by one, so there a few suffice (still more than one per group
 #: for small batches, which keeps the split-and-combine path under test).
 TARGET_PROGRAMS = 8 if INTERPRETED else 1024
+#: Elements per trip of the layout-specialised kernels: 32 per thread at 4 warps in the stats
+#: pass (its slots hold a mean and an M2 each), 16 in the apply pass; two to eight 128-bit
+#: accesses per thread, so a trip's fixed cost is spread thin.
+BLOCK_STATS = 4096
+BLOCK = 2048
+NUM_WARPS = 4
+
+
+def _splits(items: int, block: int, others: int) -> tuple[int, int]:
+    """(programs, items per program) splitting ``items`` in whole blocks so that others x programs
+    is near TARGET_PROGRAMS, with at least one block per program."""
+    tiles = triton.cdiv(items, block)
+    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, others)))
+    per_prog = triton.cdiv(tiles, splits) * block
+    return triton.cdiv(items, per_prog), per_prog
 
 
 def launch_config(B: int, G: int, CG: int, P: int) -> dict:
-    """Tile and split sizes, fixed by shape (deterministic). BLOCK_C covers a group's channels
-    up to 32 at a time; BLOCK_P keeps a tile near 1024 elements (larger
-    tiles spill in the SpatialNorm gather); S splits each group so that
-    B * G * S is near TARGET_PROGRAMS, with at least one tile per program."""
+    """The generic (strided) path's tiles and splits, fixed by shape (deterministic). BLOCK_C
+    covers a group's channels up to 32 at a time; BLOCK_P keeps a tile near 1024 elements (larger
+    tiles spill in the SpatialNorm gather); S splits each group so that B * G * S is near
+    TARGET_PROGRAMS, with at least one tile per program."""
     block_c = min(32, triton.next_power_of_2(CG))
     block_p = max(16, min(1024, 1024 // block_c, triton.next_power_of_2(P)))
-    tiles = triton.cdiv(P, block_p)
-    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, B * G)))
-    per_prog = triton.cdiv(tiles, splits) * block_p
-    splits = triton.cdiv(P, per_prog)
+    splits, per_prog = _splits(P, block_p, B * G)
     return dict(BLOCK_C=block_c, BLOCK_P=block_p, S=splits, per_prog=per_prog, num_warps=4)
+
+
+def path_for(layout: str, G: int, CG: int, P: int, itemsize: int, spatial: bool) -> str:
+    """Which kernels run for an aligned x and y of this layout: "nchw" (contiguous: a group is one
+    slab), "channels_last" (a group is CG contiguous channels at every pixel) or "strided" (any
+    other view, and SpatialNorm). The specialised paths need rows that keep the vectors aligned
+    (H * W * itemsize a multiple of 16 for nchw; for channels_last CG a power of two of at least
+    8 bytes, and an image of fewer than 2^31 elements: 32-bit offsets), so that their global
+    accesses are 64 or 128 bits wide."""
+    if spatial:
+        return "strided"
+    if layout == "nchw" and P * itemsize % 16 == 0:
+        return "nchw"
+    if layout == "channels_last" and CG & (CG - 1) == 0 and 8 <= CG * itemsize and CG <= 256 and P * CG * G < 2**31:
+        return "channels_last"
+    return "strided"
+
+
+def layout_path(x4: torch.Tensor, y4: torch.Tensor, CG: int, spatial: bool) -> str:
+    """path_for x and y, guarded: both must be in the same layout and 16-byte aligned (a
+    misaligned view takes the strided path)."""
+    if x4.data_ptr() % 16 or y4.data_ptr() % 16:
+        return "strided"
+    if x4.is_contiguous() and y4.is_contiguous():
+        layout = "nchw"
+    elif x4.is_contiguous(memory_format=torch.channels_last) and y4.is_contiguous(memory_format=torch.channels_last):
+        layout = "channels_last"
+    else:
+        return "strided"
+    return path_for(layout, x4.shape[1] // CG, CG, x4.shape[2] * x4.shape[3], x4.element_size(), spatial)
+
+
+def specialised_config(path: str, B: int, C: int, G: int, P: int, elt: int) -> dict:
+    """Splits and tiles of the nchw / channels_last kernels: (stats grid, stats constexprs and
+    per_prog, apply grid, apply constexprs and per_prog)."""
+    CG = C // G
+    if path == "nchw":
+        s_stats, per_stats = _splits(CG * P, BLOCK_STATS, B * G)
+        s_apply, per_apply = _splits(P, BLOCK, B * C)
+        return dict(stats_grid=(B * G, s_stats), stats_per=per_stats,
+                    stats_const=dict(CG=CG, BLOCK=BLOCK_STATS, VEC=16 // elt),
+                    apply_grid=(B * C, s_apply), apply_per=per_apply,
+                    apply_const=dict(CG=CG, BLOCK=BLOCK, VEC=16 // elt, BLOCK_S=triton.next_power_of_2(s_stats)))
+    block_p = max(1, BLOCK_STATS // CG)
+    s, per = _splits(P, block_p, B * G)
+    block_pa = max(1, BLOCK // CG)
+    s_apply, per_apply = _splits(P, block_pa, B * G)
+    return dict(stats_grid=(B * G, s), stats_per=per, stats_const=dict(CG=CG, BLOCK_P=block_p),
+                apply_grid=(B * G, s_apply), apply_per=per_apply,
+                apply_const=dict(CG=CG, BLOCK_P=block_pa, BLOCK_S=triton.next_power_of_2(s)))
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -179,17 +443,36 @@ def norm(
     x4, y4 = _as_4d(x), _as_4d(y)
     B, C, H, W = x4.shape
     G, P = num_groups, H * W
-    cfg = launch_config(B, G, C // G, P)
-    S, per_prog, num_warps = cfg.pop("S"), cfg.pop("per_prog"), cfg.pop("num_warps")
-    if B * G * S >= 2**31 or P >= 2**31:
+    CG = C // G
+    if B * C * P >= 2**31 * 16 or CG * P >= 2**31 or B * C * 1024 >= 2**31:
         raise ValueError(f"x of shape {tuple(x.shape)} is too large for one launch; split the batch")
-    partials = torch.empty(B * G, S, 3, dtype=torch.float32, device=x.device)
-    grid = (B * G, S)
-    group_stats_kernel[grid](x4, partials, C, P, W, G, S, per_prog, *x4.stride(), CG=C // G, num_warps=num_warps, **cfg)
     affine = weight is not None or bias is not None
     if affine:  # F.group_norm allows either alone
         weight = weight if weight is not None else torch.ones(C, device=x.device, dtype=x.dtype)
         bias = bias if bias is not None else torch.zeros(C, device=x.device, dtype=x.dtype)
+    path = layout_path(x4, y4, CG, spatial is not None)
+    if path != "strided":
+        cfg = specialised_config(path, B, C, G, P, x.element_size())
+        S = cfg["stats_grid"][1]
+        partials = torch.empty(B * G, S, 3, dtype=torch.float32, device=x.device)
+        wb = (weight, bias) if affine else (x4, x4)
+        sc, ac = cfg["stats_const"], cfg["apply_const"]
+        if path == "nchw":
+            PV = P // sc["VEC"]
+            slab_stats_kernel[cfg["stats_grid"]](x4, partials, PV, S, cfg["stats_per"] // sc["BLOCK"], num_warps=NUM_WARPS, **sc)
+            slab_apply_kernel[cfg["apply_grid"]](x4, y4, partials, *wb, C, PV, G, S, cfg["apply_per"] // BLOCK, eps,
+                                                 AFFINE=affine, SILU=silu, num_warps=NUM_WARPS, **ac)
+        else:
+            pixel_stats_kernel[cfg["stats_grid"]](x4, partials, P, G, S, cfg["stats_per"] // sc["BLOCK_P"],
+                                                  num_warps=NUM_WARPS, **sc)
+            pixel_apply_kernel[cfg["apply_grid"]](x4, y4, partials, *wb, P, G, S, cfg["apply_per"] // ac["BLOCK_P"], eps,
+                                                  AFFINE=affine, SILU=silu, num_warps=NUM_WARPS, **ac)
+        return y
+    cfg = launch_config(B, G, CG, P)
+    S, per_prog, num_warps = cfg.pop("S"), cfg.pop("per_prog"), cfg.pop("num_warps")
+    partials = torch.empty(B * G, S, 3, dtype=torch.float32, device=x.device)
+    grid = (B * G, S)
+    group_stats_kernel[grid](x4, partials, C, P, W, G, S, per_prog, *x4.stride(), CG=CG, num_warps=num_warps, **cfg)
     if spatial is not None:
         scale, shift, src_h, src_w = spatial
         maps = dict(scale_ptr=scale, shift_ptr=shift, src_h_ptr=src_h, src_w_ptr=src_w, mb=scale.stride(0),
@@ -201,27 +484,52 @@ def norm(
         C=C, P=P, W=W, G=G, S=S, per_prog=per_prog, eps=eps,
         sb=x4.stride(0), sc=x4.stride(1), sh=x4.stride(2), sw=x4.stride(3),
         yb=y4.stride(0), yc=y4.stride(1), yh=y4.stride(2), yw=y4.stride(3), **maps,
-        CG=C // G, BLOCK_S=min(1024, triton.next_power_of_2(S)), AFFINE=affine, SPATIAL=spatial is not None,
+        CG=CG, BLOCK_S=triton.next_power_of_2(S), AFFINE=affine, SPATIAL=spatial is not None,
         SILU=silu, num_warps=num_warps, **cfg,
     )
     return y
 
 
-def aot_cases() -> list[tuple[torch.dtype, int, int, int, bool, bool]]:
-    """(dtype, B, C, G, H*W, spatial) inputs reaching every launch_config branch (group widths
-    4, 24 and 64 channels; splits from 1 to many) and every pointer type."""
+def aot_cases() -> list[tuple[torch.dtype, str, int, int, int, int, bool]]:
+    """(dtype, layout, B, C, G, H*W, spatial) inputs reaching every path and launch_config branch
+    (group widths 2 to 64 channels; splits from 1 to many) and every pointer type. "strided" is
+    a sliced view; SpatialNorm takes the strided kernels in every layout."""
     cases = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        cases += [(dtype, 1, 128, 32, 256 * 256, False), (dtype, 8, 512, 32, 64 * 64, True)]
-    cases += [(torch.float32, 1, 768, 32, 32 * 32, False), (torch.float32, 2, 64, 1, 33 * 31, True),
-              (torch.float32, 3, 6, 2, 5 * 7, False)]
+        for layout in ("nchw", "channels_last"):
+            cases += [(dtype, layout, 1, 128, 32, 256 * 256, False), (dtype, layout, 8, 512, 32, 64 * 64, True)]
+        cases += [(dtype, "strided", 1, 128, 32, 256 * 256, False)]
+    cases += [(torch.float16, "channels_last", 1, 512, 32, 128 * 128, False),
+              (torch.float32, "nchw", 1, 768, 32, 32 * 32, False), (torch.float32, "channels_last", 1, 768, 32, 32 * 32, False),
+              (torch.float32, "nchw", 2, 64, 1, 33 * 32, False), (torch.float32, "channels_last", 2, 64, 32, 33 * 31, False),
+              (torch.float32, "strided", 2, 64, 1, 33 * 31, True), (torch.float32, "strided", 3, 6, 2, 5 * 7, False)]
     return cases
 
 
-def compile_spec(dtype: torch.dtype, B: int, C: int, G: int, P: int, spatial: bool):
-    """[(kernel, signature, constexprs, num_warps)] for the two launches ``norm`` makes; pointers
-    are given as the torch dtype they point to (kernels/aot.py turns them into Triton types)."""
-    cfg = launch_config(B, G, C // G, P)
+def compile_spec(dtype: torch.dtype, layout: str, B: int, C: int, G: int, P: int, spatial: bool):
+    """[(kernel, signature, constexprs, num_warps, items per hot-loop trip, inner trips, divisible)]
+    for the two launches ``norm`` makes on an x of this layout (aligned, as layout_path requires
+    for the specialised paths); pointers are given as the torch dtype they point to."""
+    CG = C // G
+    elt = torch.empty((), dtype=dtype).element_size()
+    path = path_for(layout, G, CG, P, elt, spatial)
+    ptrs = lambda sig: tuple(n for n, t in sig.items() if isinstance(t, torch.dtype))
+    if path in ("nchw", "channels_last"):
+        cfg = specialised_config(path, B, C, G, P, elt)
+        wb = {"x_ptr": dtype, "y_ptr": dtype, "part_ptr": torch.float32, "w_ptr": dtype, "b_ptr": dtype}
+        flags = dict(AFFINE=True, SILU=True)
+        if path == "nchw":
+            stats_sig = {"x_ptr": dtype, "part_ptr": torch.float32, **{n: "i32" for n in ("PV", "S", "per_blocks")}}
+            apply_sig = {**wb, **{n: "i32" for n in ("C", "PV", "G", "S", "per_blocks")}, "eps": "fp32"}
+            return [(slab_stats_kernel, stats_sig, cfg["stats_const"], NUM_WARPS, BLOCK_STATS, None, ptrs(stats_sig)),
+                    (slab_apply_kernel, apply_sig, {**cfg["apply_const"], **flags}, NUM_WARPS, BLOCK, None, ptrs(apply_sig))]
+        stats_sig = {"x_ptr": dtype, "part_ptr": torch.float32, **{n: "i32" for n in ("P", "G", "S", "per_blocks")}}
+        apply_sig = {**wb, **{n: "i32" for n in ("P", "G", "S", "per_blocks")}, "eps": "fp32"}
+        return [(pixel_stats_kernel, stats_sig, cfg["stats_const"], NUM_WARPS, cfg["stats_const"]["BLOCK_P"] * CG, None,
+                 ptrs(stats_sig)),
+                (pixel_apply_kernel, apply_sig, {**cfg["apply_const"], **flags}, NUM_WARPS, cfg["apply_const"]["BLOCK_P"] * CG,
+                 None, ptrs(apply_sig))]
+    cfg = launch_config(B, G, CG, P)
     num_warps = cfg.pop("num_warps")
     S = cfg.pop("S")
     cfg.pop("per_prog")
@@ -233,24 +541,42 @@ def compile_spec(dtype: torch.dtype, B: int, C: int, G: int, P: int, spatial: bo
                  "shift_ptr": dtype, "src_h_ptr": torch.int32, "src_w_ptr": torch.int32,
                  **{n: "i32" for n in ints}, "eps": "fp32",
                  **{n: "i32" for n in ("sb", "sc", "sh", "sw", "yb", "yc", "yh", "yw", "mb", "mc", "mh", "mw")}}
-    apply_const = dict(CG=C // G, BLOCK_S=min(1024, triton.next_power_of_2(S)), AFFINE=True,
+    apply_const = dict(CG=CG, BLOCK_S=triton.next_power_of_2(S), AFFINE=True,
                        SPATIAL=spatial, SILU=True, **cfg)
-    return [(group_stats_kernel, stats_sig, dict(CG=C // G, **cfg), num_warps),
-            (group_apply_kernel, apply_sig, apply_const, num_warps)]
+    tile, trips = cfg["BLOCK_P"] * cfg["BLOCK_C"], triton.cdiv(CG, cfg["BLOCK_C"])
+    # a strided view may sit anywhere: no alignment assumed
+    return [(group_stats_kernel, stats_sig, dict(CG=CG, **cfg), num_warps, tile, trips, ()),
+            (group_apply_kernel, apply_sig, apply_const, num_warps, tile, trips, ())]
+
+
+def _note(layout: str, path: str, CG: int, P: int, itemsize: int, spatial: bool) -> str:
+    """Why a row runs the strided kernels (they miss the budgets: per-element division, scalar
+    accesses, a reduction per tile)."""
+    if path != "strided":
+        return ""
+    if spatial:
+        return "strided path: SpatialNorm has no layout-specialised kernels yet"
+    if layout == "strided":
+        return "strided path: a sliced view"
+    if layout == "nchw":
+        return f"strided path: H*W*itemsize = {P * itemsize} is not a multiple of 16"
+    return f"strided path: a group of {CG} channels is not a power of two of at least 8 bytes"
 
 
 def aot_launches(arch: int) -> list[dict]:
-    """The launches of aot_cases() for kernels/aot.py (NCHW-contiguous inputs)."""
+    """The launches of aot_cases() for kernels/aot.py, with the benchmark case's bytes: the stats
+    pass reads x once, the apply pass reads x and writes y."""
     out = []
-    for dtype, B, C, G, P, spatial in aot_cases():
-        cfg = launch_config(B, G, C // G, P)
+    for dtype, layout, B, C, G, P, spatial in aot_cases():
         numel, elt = B * C * P, torch.empty((), dtype=dtype).element_size()
-        case = dict(dtype=dtype, layout="nchw", B=B, C=C, G=G, HW=P, spatial=spatial)
-        for i, (kernel, signature, constexprs, num_warps) in enumerate(compile_spec(dtype, B, C, G, P, spatial)):
-            out.append(dict(kernel=kernel, case=case, signature=signature, constexprs=constexprs, num_warps=num_warps,
-                            divisible=tuple(n for n, t in signature.items() if isinstance(t, torch.dtype)),
-                            items_per_iteration=cfg["BLOCK_P"] * cfg["BLOCK_C"],
-                            inner_trips=triton.cdiv(C // G, cfg["BLOCK_C"]), items=numel,
+        path = path_for(layout, G, C // G, P, elt, spatial)
+        case = dict(dtype=dtype, layout=layout, B=B, C=C, G=G, HW=P, spatial=spatial, path=path,
+                    note=_note(layout, path, C // G, P, elt, spatial))
+        for i, (kernel, sig, const, warps, per_trip, trips, divisible) in enumerate(
+                compile_spec(dtype, layout, B, C, G, P, spatial)):
+            out.append(dict(kernel=kernel, name="group_stats" if i == 0 else "group_apply", case=case,
+                            signature=sig, constexprs=const, num_warps=warps, divisible=divisible,
+                            items_per_iteration=per_trip, inner_trips=trips, items=numel,
                             bytes=numel * elt * (1 if i == 0 else 2)))
     return out
 
@@ -261,8 +587,10 @@ def budget(row: dict) -> dict | None:
     ~45 instructions per element over all passes, so stats (one read) gets 6, apply (a read and
     a write) 10 with SiLU and 14 with SpatialNorm's gathered scale and shift; and 64-bit or wider
     global accesses, as scalar ones cannot keep up with the bandwidth."""
-    if row["arch"] != "sm_90" or row.get("layout") not in ("nchw", "channels_last"):
+    if row["arch"] != "sm_90" or row["layout"] not in ("nchw", "channels_last"):
         return None
+    if row["path"] == "strided" and not row["spatial"]:
+        return None  # a view the vector paths cannot read (its row's note says why)
     if row["kernel"] == "group_stats":
         limit = 6
     else:

@@ -33,7 +33,12 @@ def test_every_launch_configuration_is_covered(compiled):
     assert any(fp64 for *_, fp64 in reached)
     norms = [r for r in compiled if r["kernel"] in ("group_stats", "group_apply")]
     assert len(norms) == 2 * 2 * len(group_norm.aot_cases())
-    assert {r["BLOCK_C"] for r in norms} >= {4, 32} and {r["spatial"] for r in norms} == {True, False}
+    assert {r["path"] for r in norms} == {"nchw", "channels_last", "strided"}
+    assert {r["BLOCK_C"] for r in norms if r["path"] == "strided"} >= {4, 32}
+    assert {r["spatial"] for r in norms} == {True, False}
+    # the rows of a path ran its kernels
+    assert {r["kernel_function"] for r in norms if r["path"] == "nchw"} == {"slab_stats_kernel", "slab_apply_kernel"}
+    assert {r["kernel_function"] for r in norms if r["path"] == "channels_last"} == {"pixel_stats_kernel", "pixel_apply_kernel"}
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -93,13 +98,22 @@ def test_sass_reader_counts_the_hot_loop():
 
 
 #: Rows that miss their budget today, named so that the test fails once they meet it (strict).
-KNOWN_MISSES = {
+KNOWN_MISSES = [
     # tl.dot on FMAs reloads and re-centres z and its operands every 16-wide slice: ~370-385
     # instructions per pair against 1.3 x 256 + 8 = 341.
-    ("nearest_code", "float32", 256), ("nearest_code", "float16", 256), ("nearest_code", "bfloat16", 256),
-    # the norm kernels before their layout-specialised paths
-    *((k, t, None) for k in ("group_stats", "group_apply") for t in ("float32", "float16", "bfloat16")),
-}
+    dict(kernel="nearest_code", D=256),
+    # SpatialNorm runs the strided kernels (per-element row/column division, scalar accesses,
+    # the scale and shift gathered per element): ~56 + ~100 instructions per element.
+    dict(spatial=True),
+    # channels_last groups of 4 fp16/bf16 channels: 64-bit accesses, each needing its own 64-bit
+    # address (pixels are C apart), ~6.5-7 instructions per element in the stats pass against 6.
+    dict(kernel="group_stats", layout="channels_last", C=128, dtype="float16"),
+    dict(kernel="group_stats", layout="channels_last", C=128, dtype="bfloat16"),
+]
+
+
+def known_miss(row: dict) -> bool:
+    return any(all(row.get(k) == v for k, v in miss.items()) for miss in KNOWN_MISSES)
 
 
 def budget_misses(compiled, known: bool) -> list[str]:
@@ -112,7 +126,7 @@ def budget_misses(compiled, known: bool) -> list[str]:
         if b is None:
             continue
         budgeted.add(r["kernel"])
-        if ((r["kernel"], r["dtype"], r.get("D")) in KNOWN_MISSES) != known:
+        if known_miss(r) != known:
             continue
         for key, limit in b.items():
             if key == "min_global_bits":

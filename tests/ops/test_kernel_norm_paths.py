@@ -1,0 +1,80 @@
+"""The norm kernels' layout-specialised paths (a contiguous NCHW slab per group; channels_last
+runs of CG channels) against float64 by the three-way rule, and the launcher's guard: views
+that the vector paths cannot read (misaligned, odd group width, sliced) take the strided path
+and stay exact. Runs the kernels (interpreter on CPU, compiled on a GPU)."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from test_norms import gn_ref, make, three_way
+
+import vqfast
+from vqfast import functional as vf
+from vqfast.kernels import group_norm as kernel
+
+
+@pytest.fixture
+def triton_backend():
+    vqfast.set_backend("triton")
+    yield
+    vqfast.set_backend(None)
+
+
+def path(x, G):
+    """The path the launcher takes for x and an output laid out like it."""
+    x4 = x.unsqueeze(2) if x.ndim == 3 else x
+    return kernel.layout_path(x4, torch.empty_like(x4), x4.shape[1] // G, spatial=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 8, 64, 72), (2, 16, 8, 16)])
+def test_specialised_paths_three_way(triton_backend, dtype, layout, shape):
+    """Full trips, a partial last trip and several splits per group (64 x 72: 4608 positions;
+    CG = 4, the group's slab 18432 elements), batch 1 and 2, with and without SiLU and affine."""
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[3])
+    x = make(shape, dtype, g, mean=2.0, std=3.0, channels_last=layout == "channels_last")
+    C, G = shape[1], shape[1] // 4
+    assert path(x, G) == layout
+    w, b = make((C,), dtype, g), make((C,), dtype, g)
+    for silu, affine in ((True, True), (False, False)):
+        wb = (w, b) if affine else (None, None)
+        out = vf.group_norm(x, G, *wb, activation="silu" if silu else None)
+        ref = gn_ref(x.double(), G, *(t.double() if t is not None else None for t in wb), silu)
+        three_way(out, ref, gn_ref(x, G, *wb, silu))
+        assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+def test_large_mean_small_spread_on_the_vector_paths(triton_backend):
+    """mean 300, std 0.1 through the per-slot Welford updates of both specialised paths."""
+    g = torch.Generator().manual_seed(8)
+    for cl in (False, True):
+        x = make((1, 8, 64, 64), torch.float32, g, mean=300.0, std=0.1, channels_last=cl)
+        assert path(x, 2) == ("channels_last" if cl else "nchw")
+        three_way(vf.group_norm(x, 2), gn_ref(x.double(), 2, None, None, False), gn_ref(x, 2, None, None, False))
+
+
+@pytest.mark.parametrize("case", ["misaligned", "odd_cg", "sliced", "odd_positions"])
+def test_views_the_vector_paths_cannot_read_take_the_strided_path(triton_backend, case):
+    g = torch.Generator().manual_seed(9)
+    G = 2
+    if case == "misaligned":  # contiguous, but 4 bytes past a 16-byte boundary
+        flat = make((1 + 2 * 8 * 16 * 16,), torch.float32, g)
+        x = flat[1:].view(2, 8, 16, 16)
+        assert x.is_contiguous() and x.data_ptr() % 16
+    elif case == "odd_cg":  # channels_last with C/G = 3
+        x = make((2, 6, 16, 16), torch.float16, g, channels_last=True)
+    elif case == "sliced":
+        x = make((2, 10, 16, 20), torch.float32, g)[:, 1:9, :, 2:18]
+    else:  # H * W * 2 bytes not a multiple of 16
+        x = make((1, 8, 33, 31), torch.float16, g)
+    assert path(x, G) == "strided"
+    C = x.shape[1]
+    w, b = make((C,), x.dtype, g), make((C,), x.dtype, g)
+    out = vf.group_norm(x, G, w, b, activation="silu")
+    three_way(out, gn_ref(x.double(), G, w.double(), b.double(), True), gn_ref(x, G, w, b, True))
+
+
+def test_spatial_norm_keeps_the_strided_path():
+    x = torch.empty(1, 8, 16, 16)
+    assert kernel.layout_path(x, torch.empty_like(x), 4, spatial=True) == "strided"
