@@ -197,3 +197,23 @@ def test_save_arguments(tmp_path):
         model.save_pretrained(tmp_path / "x", safe=True)
     assert checkpoint.parse_size("s", "10GB") == 10**10 and checkpoint.parse_size("s", "2GiB") == 2 * 2**30
     assert checkpoint.parse_size("s", "1.5MB") == 1_500_000 and checkpoint.parse_size("s", 123) == 123
+
+
+def test_hub_arguments_reach_snapshot_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    vqfast.VQModel(**SMALL).save_pretrained(tmp_path / "vq")
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns, revision=None, cache_dir=None, force_download=False,
+                               token=None, local_files_only=False):
+        calls.append(dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
+                          local_files_only=local_files_only))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    kwargs = dict(revision="v1", cache_dir="c", force_download=True, token="t", local_files_only=True)
+    vqfast.VQModel.from_pretrained("owner/repo", subfolder="vq", proxies=None, **kwargs)
+    assert calls == [kwargs]  # proxies=None is the default and is not passed on
+    with pytest.raises(ValueError, match=r"snapshot_download does not take \['proxies'\] .*HTTPS_PROXY"):
+        vqfast.VQModel.from_pretrained("owner/repo", subfolder="vq", proxies={"https": "p"})

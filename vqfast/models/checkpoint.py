@@ -47,6 +47,17 @@ def resolve_folder(
                 "huggingface_hub: pip install 'vqfast[hub]' (or pip install huggingface_hub)"
             ) from None
         prefix = f"{subfolder}/" if subfolder else ""
+        hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}  # None: the hub's default
+        import inspect
+
+        taken = inspect.signature(snapshot_download).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in taken.values())
+        refused = [] if takes_any else sorted(k for k in hub_kwargs if k not in taken)
+        if refused:
+            raise ValueError(
+                f"the installed huggingface_hub's snapshot_download does not take {refused} "
+                "(for proxies, set HTTPS_PROXY in the environment)"
+            )
         path = Path(
             snapshot_download(
                 text, allow_patterns=[f"{prefix}{CONFIG_NAME}", f"{prefix}{WEIGHTS_STEM}*"], **hub_kwargs
