@@ -31,9 +31,10 @@ __all__ = ["VQModel", "from_vqfast"]
 class VQModel(_VQModel, ModelMixin):
     """``vqfast.VQModel`` that is also a ``diffusers.ModelMixin`` (and ``ConfigMixin``).
 
-    vqfast's methods come first (loading, saving, config, gradient checkpointing, dtype, device);
-    ModelMixin supplies the rest of diffusers' model API (``enable_layerwise_casting``,
-    ``num_parameters``, ``to`` with its checks, ...).
+    vqfast's methods come first (loading, saving, config, gradient checkpointing, slicing, dtype,
+    device); ModelMixin supplies the rest of diffusers' model API (``num_parameters``, ``to`` with
+    its checks, ...). ``enable_layerwise_casting`` is refused (see below); diffusers' offloading
+    hooks (``enable_group_offload``, a pipeline's CPU offload) have not been tried with it.
     """
 
     @property
@@ -66,4 +67,9 @@ def from_vqfast(model: _VQModel) -> VQModel:
     object.__setattr__(bridged, "_config", FrozenConfig(config))
     bridged.exact = model.exact
     bridged.use_slicing, bridged.slicing_max_memory = model.use_slicing, model.slicing_max_memory
+    for theirs, ours in zip(model.modules(), bridged.modules()):
+        if hasattr(theirs, "_gradient_checkpointing_func"):
+            ours._gradient_checkpointing_func = theirs._gradient_checkpointing_func
+        if hasattr(theirs, "gradient_checkpointing"):
+            ours.gradient_checkpointing = theirs.gradient_checkpointing
     return bridged.train(model.training)

@@ -184,12 +184,15 @@ def test_plain_vqfast_model_is_refused_by_pipelines_and_bridged_by_from_vqfast(t
     theirs, _ = _vq_pair(MOVQ)
     _build("kandinsky", theirs).save_pretrained(tmp_path)
     plain = vqfast.VQModel.from_pretrained(tmp_path, subfolder="movq")
+    plain.enable_gradient_checkpointing()
+    plain.enable_slicing(max_memory="1GiB")
     with pytest.raises(ValueError, match="ModelMixin"):  # diffusers' own check: why vqfast.diffusers exists
         diffusers.KandinskyV22Pipeline.from_pretrained(tmp_path, movq=plain)
     bridged = from_vqfast(plain)
     assert isinstance(bridged, diffusers.ModelMixin) and isinstance(bridged, vqfast.VQModel)
     assert all(a is b for a, b in zip(bridged.parameters(), plain.parameters()))  # shared, not copied
     assert dict(bridged.config) == dict(plain.config) and from_vqfast(bridged) is bridged
+    assert bridged.is_gradient_checkpointing and bridged.use_slicing and bridged.slicing_max_memory == 2**30
     with pytest.raises(TypeError, match="from_vqfast expects a vqfast.VQModel, got diffusers"):
         from_vqfast(theirs)
 
