@@ -217,3 +217,11 @@ def test_hub_arguments_reach_snapshot_download(tmp_path, monkeypatch):
     assert calls == [kwargs]  # proxies=None is the default and is not passed on
     with pytest.raises(ValueError, match=r"snapshot_download does not take \['proxies'\] .*HTTPS_PROXY"):
         vqfast.VQModel.from_pretrained("owner/repo", subfolder="vq", proxies={"https": "p"})
+
+
+def test_legacy_bin_format_loads(saved):
+    model, folder = saved
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    # torch.save's pre-1.6 format, which torch.load cannot memory-map
+    torch.save(model.state_dict(), folder / "diffusion_pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert _same_weights(vqfast.VQModel.from_pretrained(folder), model)

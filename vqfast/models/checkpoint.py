@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -187,7 +188,8 @@ def _read_one(file: Path, device: torch.device | str, mmap: bool) -> dict[str, t
             else:
                 state = {k: v.to(device) for k, v in safetensors.torch.load(file.read_bytes()).items()}
         else:
-            state = torch.load(file, map_location=device, weights_only=True, mmap=mmap)
+            # torch maps only its zip format; files of torch.save's legacy format are read whole
+            state = torch.load(file, map_location=device, weights_only=True, mmap=mmap and zipfile.is_zipfile(file))
     except Exception as e:  # safetensors, pickle and zip errors share no base class
         raise OSError(f"could not read the weights file {file} (truncated or corrupt?): {e}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
