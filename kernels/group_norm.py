@@ -300,7 +300,7 @@ def pixel_apply_kernel(
 def group_apply_kernel(
     x_ptr, y_ptr, part_ptr, w_ptr, b_ptr,
     scale_ptr, shift_ptr, src_h_ptr, src_w_ptr,  # SpatialNorm only: (B, C, h, w) maps, nearest index maps
-    C, P, W, G, S, per_prog, eps,
+    C, P, W, G, SP, per_prog, eps,  # SP: partials per group (the stats pass's splits)
     sb, sc, sh, sw,  # x strides
     yb, yc, yh, yw,  # y strides
     mb, mc, mh, mw,  # scale / shift strides
@@ -312,7 +312,7 @@ def group_apply_kernel(
     bb = (bg // G).to(tl.int64)
     c0 = (bg % G) * CG
 
-    mean, rstd = _group_moments(part_ptr, bg, S, eps, BLOCK_S)
+    mean, rstd = _group_moments(part_ptr, bg, SP, eps, BLOCK_S)
 
     p_start = s * per_prog
     p_end = tl.minimum(p_start + per_prog, P)
@@ -370,15 +370,13 @@ def launch_config(B: int, G: int, CG: int, P: int) -> dict:
     return dict(BLOCK_C=block_c, BLOCK_P=block_p, S=splits, per_prog=per_prog, num_warps=4)
 
 
-def path_for(layout: str, G: int, CG: int, P: int, itemsize: int, spatial: bool) -> str:
+def path_for(layout: str, G: int, CG: int, P: int, itemsize: int) -> str:
     """Which kernels run for an aligned x and y of this layout: "nchw" (contiguous: a group is one
     slab), "channels_last" (a group is CG contiguous channels at every pixel) or "strided" (any
-    other view, and SpatialNorm). The specialised paths need rows that keep the vectors aligned
+    other view). SpatialNorm's apply pass always takes the strided kernel. The specialised paths need rows that keep the vectors aligned
     (H * W * itemsize a multiple of 16 for nchw; for channels_last CG a power of two of at least
     8 bytes, and an image of fewer than 2^31 elements: 32-bit offsets), so that their global
     accesses are 64 or 128 bits wide."""
-    if spatial:
-        return "strided"
     if layout == "nchw" and P * itemsize % 16 == 0:
         return "nchw"
     if layout == "channels_last" and CG & (CG - 1) == 0 and 8 <= CG * itemsize and CG <= 256 and P * CG * G < 2**31:
@@ -386,7 +384,7 @@ def path_for(layout: str, G: int, CG: int, P: int, itemsize: int, spatial: bool)
     return "strided"
 
 
-def layout_path(x4: torch.Tensor, y4: torch.Tensor, CG: int, spatial: bool) -> str:
+def layout_path(x4: torch.Tensor, y4: torch.Tensor, CG: int) -> str:
     """path_for x and y, guarded: both must be in the same layout and 16-byte aligned (a
     misaligned view takes the strided path)."""
     if x4.data_ptr() % 16 or y4.data_ptr() % 16:
@@ -397,7 +395,7 @@ def layout_path(x4: torch.Tensor, y4: torch.Tensor, CG: int, spatial: bool) -> s
         layout = "channels_last"
     else:
         return "strided"
-    return path_for(layout, x4.shape[1] // CG, CG, x4.shape[2] * x4.shape[3], x4.element_size(), spatial)
+    return path_for(layout, x4.shape[1] // CG, CG, x4.shape[2] * x4.shape[3], x4.element_size())
 
 
 def specialised_config(path: str, B: int, C: int, G: int, P: int, elt: int) -> dict:
@@ -450,41 +448,45 @@ def norm(
     if affine:  # F.group_norm allows either alone
         weight = weight if weight is not None else torch.ones(C, device=x.device, dtype=x.dtype)
         bias = bias if bias is not None else torch.zeros(C, device=x.device, dtype=x.dtype)
-    path = layout_path(x4, y4, CG, spatial is not None)
+    path = layout_path(x4, y4, CG)
+    wb = (weight, bias) if affine else (x4, x4)
     if path != "strided":
         cfg = specialised_config(path, B, C, G, P, x.element_size())
-        S = cfg["stats_grid"][1]
-        partials = torch.empty(B * G, S, 3, dtype=torch.float32, device=x.device)
-        wb = (weight, bias) if affine else (x4, x4)
+        SP = cfg["stats_grid"][1]
+        partials = torch.empty(B * G, SP, 3, dtype=torch.float32, device=x.device)
         sc, ac = cfg["stats_const"], cfg["apply_const"]
         if path == "nchw":
             PV = P // sc["VEC"]
-            slab_stats_kernel[cfg["stats_grid"]](x4, partials, PV, S, cfg["stats_per"] // sc["BLOCK"], num_warps=NUM_WARPS, **sc)
-            slab_apply_kernel[cfg["apply_grid"]](x4, y4, partials, *wb, C, PV, G, S, cfg["apply_per"] // BLOCK, eps,
-                                                 AFFINE=affine, SILU=silu, num_warps=NUM_WARPS, **ac)
+            slab_stats_kernel[cfg["stats_grid"]](x4, partials, PV, SP, cfg["stats_per"] // sc["BLOCK"], num_warps=NUM_WARPS, **sc)
+            if spatial is None:
+                slab_apply_kernel[cfg["apply_grid"]](x4, y4, partials, *wb, C, PV, G, SP, cfg["apply_per"] // BLOCK, eps,
+                                                     AFFINE=affine, SILU=silu, num_warps=NUM_WARPS, **ac)
+                return y
         else:
-            pixel_stats_kernel[cfg["stats_grid"]](x4, partials, P, G, S, cfg["stats_per"] // sc["BLOCK_P"],
+            pixel_stats_kernel[cfg["stats_grid"]](x4, partials, P, G, SP, cfg["stats_per"] // sc["BLOCK_P"],
                                                   num_warps=NUM_WARPS, **sc)
-            pixel_apply_kernel[cfg["apply_grid"]](x4, y4, partials, *wb, P, G, S, cfg["apply_per"] // ac["BLOCK_P"], eps,
-                                                  AFFINE=affine, SILU=silu, num_warps=NUM_WARPS, **ac)
-        return y
+            if spatial is None:
+                pixel_apply_kernel[cfg["apply_grid"]](x4, y4, partials, *wb, P, G, SP, cfg["apply_per"] // ac["BLOCK_P"],
+                                                      eps, AFFINE=affine, SILU=silu, num_warps=NUM_WARPS, **ac)
+                return y
     cfg = launch_config(B, G, CG, P)
     S, per_prog, num_warps = cfg.pop("S"), cfg.pop("per_prog"), cfg.pop("num_warps")
-    partials = torch.empty(B * G, S, 3, dtype=torch.float32, device=x.device)
-    grid = (B * G, S)
-    group_stats_kernel[grid](x4, partials, C, P, W, G, S, per_prog, *x4.stride(), CG=CG, num_warps=num_warps, **cfg)
+    if path == "strided":
+        SP = S
+        partials = torch.empty(B * G, SP, 3, dtype=torch.float32, device=x.device)
+        group_stats_kernel[(B * G, S)](x4, partials, C, P, W, G, S, per_prog, *x4.stride(), CG=CG, num_warps=num_warps, **cfg)
     if spatial is not None:
         scale, shift, src_h, src_w = spatial
         maps = dict(scale_ptr=scale, shift_ptr=shift, src_h_ptr=src_h, src_w_ptr=src_w, mb=scale.stride(0),
                     mc=scale.stride(1), mh=scale.stride(2), mw=scale.stride(3))
     else:
         maps = dict(scale_ptr=x4, shift_ptr=x4, src_h_ptr=x4, src_w_ptr=x4, mb=0, mc=0, mh=0, mw=0)
-    group_apply_kernel[grid](
-        x4, y4, partials, weight if affine else x4, bias if affine else x4,
-        C=C, P=P, W=W, G=G, S=S, per_prog=per_prog, eps=eps,
+    group_apply_kernel[(B * G, S)](
+        x4, y4, partials, *wb,
+        C=C, P=P, W=W, G=G, SP=SP, per_prog=per_prog, eps=eps,
         sb=x4.stride(0), sc=x4.stride(1), sh=x4.stride(2), sw=x4.stride(3),
         yb=y4.stride(0), yc=y4.stride(1), yh=y4.stride(2), yw=y4.stride(3), **maps,
-        CG=CG, BLOCK_S=triton.next_power_of_2(S), AFFINE=affine, SPATIAL=spatial is not None,
+        CG=CG, BLOCK_S=triton.next_power_of_2(SP), AFFINE=affine, SPATIAL=spatial is not None,
         SILU=silu, num_warps=num_warps, **cfg,
     )
     return y
@@ -512,50 +514,58 @@ def compile_spec(dtype: torch.dtype, layout: str, B: int, C: int, G: int, P: int
     for the specialised paths); pointers are given as the torch dtype they point to."""
     CG = C // G
     elt = torch.empty((), dtype=dtype).element_size()
-    path = path_for(layout, G, CG, P, elt, spatial)
+    path = path_for(layout, G, CG, P, elt)
     ptrs = lambda sig: tuple(n for n, t in sig.items() if isinstance(t, torch.dtype))
-    if path in ("nchw", "channels_last"):
+    flags = dict(AFFINE=True, SILU=True)
+    wb = {"x_ptr": dtype, "y_ptr": dtype, "part_ptr": torch.float32, "w_ptr": dtype, "b_ptr": dtype}
+    launches = []
+    if path != "strided":
         cfg = specialised_config(path, B, C, G, P, elt)
-        wb = {"x_ptr": dtype, "y_ptr": dtype, "part_ptr": torch.float32, "w_ptr": dtype, "b_ptr": dtype}
-        flags = dict(AFFINE=True, SILU=True)
+        SP = cfg["stats_grid"][1]
         if path == "nchw":
             stats_sig = {"x_ptr": dtype, "part_ptr": torch.float32, **{n: "i32" for n in ("PV", "S", "per_blocks")}}
             apply_sig = {**wb, **{n: "i32" for n in ("C", "PV", "G", "S", "per_blocks")}, "eps": "fp32"}
-            return [(slab_stats_kernel, stats_sig, cfg["stats_const"], NUM_WARPS, BLOCK_STATS, None, ptrs(stats_sig)),
-                    (slab_apply_kernel, apply_sig, {**cfg["apply_const"], **flags}, NUM_WARPS, BLOCK, None, ptrs(apply_sig))]
-        stats_sig = {"x_ptr": dtype, "part_ptr": torch.float32, **{n: "i32" for n in ("P", "G", "S", "per_blocks")}}
-        apply_sig = {**wb, **{n: "i32" for n in ("P", "G", "S", "per_blocks")}, "eps": "fp32"}
-        return [(pixel_stats_kernel, stats_sig, cfg["stats_const"], NUM_WARPS, cfg["stats_const"]["BLOCK_P"] * CG, None,
-                 ptrs(stats_sig)),
-                (pixel_apply_kernel, apply_sig, {**cfg["apply_const"], **flags}, NUM_WARPS, cfg["apply_const"]["BLOCK_P"] * CG,
-                 None, ptrs(apply_sig))]
+            launches += [(slab_stats_kernel, stats_sig, cfg["stats_const"], NUM_WARPS, BLOCK_STATS, None, ptrs(stats_sig)),
+                         (slab_apply_kernel, apply_sig, {**cfg["apply_const"], **flags}, NUM_WARPS, BLOCK, None,
+                          ptrs(apply_sig))]
+        else:
+            stats_sig = {"x_ptr": dtype, "part_ptr": torch.float32, **{n: "i32" for n in ("P", "G", "S", "per_blocks")}}
+            apply_sig = {**wb, **{n: "i32" for n in ("P", "G", "S", "per_blocks")}, "eps": "fp32"}
+            launches += [(pixel_stats_kernel, stats_sig, cfg["stats_const"], NUM_WARPS, cfg["stats_const"]["BLOCK_P"] * CG,
+                          None, ptrs(stats_sig)),
+                         (pixel_apply_kernel, apply_sig, {**cfg["apply_const"], **flags}, NUM_WARPS,
+                          cfg["apply_const"]["BLOCK_P"] * CG, None, ptrs(apply_sig))]
+        if not spatial:
+            return launches
+        launches = launches[:1]
     cfg = launch_config(B, G, CG, P)
     num_warps = cfg.pop("num_warps")
     S = cfg.pop("S")
     cfg.pop("per_prog")
-    ints = ("C", "P", "W", "G", "S", "per_prog")
-    stats_sig = {"x_ptr": dtype, "part_ptr": torch.float32,
-                 **{n: "i32" for n in ints + ("sb", "sc", "sh", "sw")}}
+    tile, trips = cfg["BLOCK_P"] * cfg["BLOCK_C"], triton.cdiv(CG, cfg["BLOCK_C"])
+    if path == "strided":
+        SP = S
+        stats_sig = {"x_ptr": dtype, "part_ptr": torch.float32,
+                     **{n: "i32" for n in ("C", "P", "W", "G", "S", "per_prog", "sb", "sc", "sh", "sw")}}
+        # a strided view may sit anywhere: no alignment assumed
+        launches.append((group_stats_kernel, stats_sig, dict(CG=CG, **cfg), num_warps, tile, trips, ()))
     apply_sig = {"x_ptr": dtype, "y_ptr": dtype, "part_ptr": torch.float32,
                  "w_ptr": dtype, "b_ptr": dtype, "scale_ptr": dtype,
                  "shift_ptr": dtype, "src_h_ptr": torch.int32, "src_w_ptr": torch.int32,
-                 **{n: "i32" for n in ints}, "eps": "fp32",
+                 **{n: "i32" for n in ("C", "P", "W", "G", "SP", "per_prog")}, "eps": "fp32",
                  **{n: "i32" for n in ("sb", "sc", "sh", "sw", "yb", "yc", "yh", "yw", "mb", "mc", "mh", "mw")}}
-    apply_const = dict(CG=CG, BLOCK_S=triton.next_power_of_2(S), AFFINE=True,
-                       SPATIAL=spatial, SILU=True, **cfg)
-    tile, trips = cfg["BLOCK_P"] * cfg["BLOCK_C"], triton.cdiv(CG, cfg["BLOCK_C"])
-    # a strided view may sit anywhere: no alignment assumed
-    return [(group_stats_kernel, stats_sig, dict(CG=CG, **cfg), num_warps, tile, trips, ()),
-            (group_apply_kernel, apply_sig, apply_const, num_warps, tile, trips, ())]
+    apply_const = dict(CG=CG, BLOCK_S=triton.next_power_of_2(SP), SPATIAL=spatial, **flags, **cfg)
+    launches.append((group_apply_kernel, apply_sig, apply_const, num_warps, tile, trips, ()))
+    return launches
 
 
 def _note(layout: str, path: str, CG: int, P: int, itemsize: int, spatial: bool) -> str:
     """Why a row runs the strided kernels (they miss the budgets: per-element division, scalar
     accesses, a reduction per tile)."""
+    if spatial and path != "strided":
+        return "apply: the strided kernel (no layout-specialised SpatialNorm apply yet)"
     if path != "strided":
         return ""
-    if spatial:
-        return "strided path: SpatialNorm has no layout-specialised kernels yet"
     if layout == "strided":
         return "strided path: a sliced view"
     if layout == "nchw":
@@ -569,11 +579,13 @@ def aot_launches(arch: int) -> list[dict]:
     out = []
     for dtype, layout, B, C, G, P, spatial in aot_cases():
         numel, elt = B * C * P, torch.empty((), dtype=dtype).element_size()
-        path = path_for(layout, G, C // G, P, elt, spatial)
+        path = path_for(layout, G, C // G, P, elt)
         case = dict(dtype=dtype, layout=layout, B=B, C=C, G=G, HW=P, spatial=spatial, path=path,
                     note=_note(layout, path, C // G, P, elt, spatial))
         for i, (kernel, sig, const, warps, per_trip, trips, divisible) in enumerate(
                 compile_spec(dtype, layout, B, C, G, P, spatial)):
+            if i == 1 and spatial:
+                case = dict(case, path="strided")
             out.append(dict(kernel=kernel, name="group_stats" if i == 0 else "group_apply", case=case,
                             signature=sig, constexprs=const, num_warps=warps, divisible=divisible,
                             items_per_iteration=per_trip, inner_trips=trips, items=numel,
@@ -589,7 +601,7 @@ def budget(row: dict) -> dict | None:
     global accesses, as scalar ones cannot keep up with the bandwidth."""
     if row["arch"] != "sm_90" or row["layout"] not in ("nchw", "channels_last"):
         return None
-    if row["path"] == "strided" and not row["spatial"]:
+    if row["path"] == "strided" and not (row["spatial"] and row["kernel"] == "group_apply"):
         return None  # a view the vector paths cannot read (its row's note says why)
     if row["kernel"] == "group_stats":
         limit = 6

@@ -102,13 +102,14 @@ KNOWN_MISSES = [
     # tl.dot on FMAs reloads and re-centres z and its operands every 16-wide slice: ~370-385
     # instructions per pair against 1.3 x 256 + 8 = 341.
     dict(kernel="nearest_code", D=256),
-    # SpatialNorm runs the strided kernels (per-element row/column division, scalar accesses,
-    # the scale and shift gathered per element): ~56 + ~100 instructions per element.
-    dict(spatial=True),
-    # channels_last groups of 4 fp16/bf16 channels: 64-bit accesses, each needing its own 64-bit
-    # address (pixels are C apart), ~6.5-7 instructions per element in the stats pass against 6.
+    # SpatialNorm's apply runs the strided kernel (per-element row/column division, scalar
+    # accesses, the scale and shift gathered per element): ~100 instructions per element.
+    dict(spatial=True, kernel="group_apply"),
+    # channels_last stats in 16-bit: every vector needs its own 64-bit address (pixels are C
+    # apart), 64-bit vectors for groups of 4 channels, and bf16 unpacks at 1.5 instructions per
+    # element: 6.1-6.6 instructions per element against 6.
     dict(kernel="group_stats", layout="channels_last", C=128, dtype="float16"),
-    dict(kernel="group_stats", layout="channels_last", C=128, dtype="bfloat16"),
+    dict(kernel="group_stats", layout="channels_last", dtype="bfloat16"),
 ]
 
 
@@ -145,6 +146,10 @@ def test_hot_loops_hold_their_budgets(compiled):
     assert not misses, "\n".join(misses)
 
 
-@pytest.mark.xfail(strict=True, reason="known budget misses (KNOWN_MISSES): see bench/results/kernel-resources.md")
-def test_known_budget_misses_still_miss(compiled):
-    assert not budget_misses(compiled, known=True)
+def test_known_misses_are_listed_truthfully(compiled):
+    """Every KNOWN_MISSES entry still matches a budgeted row that misses: once one meets its
+    budget, this fails until the entry is removed (and the budget then holds it)."""
+    missing = budget_misses(compiled, known=True)
+    for miss in KNOWN_MISSES:
+        text = [m for m in missing if all(f"'{k}': {v!r}" in m for k, v in miss.items())]
+        assert text, f"{miss} meets its budget now: remove it from KNOWN_MISSES"

@@ -23,7 +23,7 @@ def triton_backend():
 def path(x, G):
     """The path the launcher takes for x and an output laid out like it."""
     x4 = x.unsqueeze(2) if x.ndim == 3 else x
-    return kernel.layout_path(x4, torch.empty_like(x4), x4.shape[1] // G, spatial=False)
+    return kernel.layout_path(x4, torch.empty_like(x4), x4.shape[1] // G)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -75,6 +75,15 @@ def test_views_the_vector_paths_cannot_read_take_the_strided_path(triton_backend
     three_way(out, gn_ref(x.double(), G, w.double(), b.double(), True), gn_ref(x, G, w, b, True))
 
 
-def test_spatial_norm_keeps_the_strided_path():
-    x = torch.empty(1, 8, 16, 16)
-    assert kernel.layout_path(x, torch.empty_like(x), 4, spatial=True) == "strided"
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_spatial_norm_with_specialised_stats(triton_backend, layout):
+    """SpatialNorm's statistics take the layout's vector path, its apply the strided kernel."""
+    from test_norms import sn_ref
+
+    g = torch.Generator().manual_seed(10)
+    f = make((1, 64, 32, 32), torch.float16, g, channels_last=layout == "channels_last")
+    assert path(f, 16) == layout
+    scale, shift = make((1, 64, 8, 8), torch.float16, g), make((1, 64, 8, 8), torch.float16, g)
+    out = vf.spatial_norm(f, scale, shift, 16, None, None, activation="silu")
+    ref = sn_ref(f.double(), scale.double(), shift.double(), 16, None, None, True)
+    three_way(out, ref, sn_ref(f, scale, shift, 16, None, None, True))
