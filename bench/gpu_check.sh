@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (torch and triton present, no network, maybe no diffusers):
 #   1. the kernel and model-layout tests, compiled for the GPU (TRITON_INTERPRET=0), on CUDA;
-#   2. `vqfast bench` on the GPU: the ops (codebook search, GroupNorm+SiLU, SpatialNorm), the
+#   2. every kernel case of the static cost report measured beside its static estimate
+#      (bench/kernel_resources.py --measure): achieved GB/s against this card's copy bandwidth
+#      measured in the same run, (row, code) pairs/s against the FP32 issue limit, and PyTorch's
+#      own ops, torch.compile of them and diffusers' modules as baselines -> $OUT/kernels/;
+#   3. `vqfast bench` on the GPU: the ops (codebook search, GroupNorm+SiLU, SpatialNorm), the
 #      target case (Kandinsky 2.2 MoVQ decode, 512x512, batch 8, fp16) against diffusers eager,
 #      torch.compile of diffusers and vqfast's eager path, then the model grid.
 # Baselines: diffusers when it imports. The GPU machine has no network: put diffusers' wheels in
@@ -9,7 +13,8 @@
 # machine's Python version) and carry that folder; they are installed offline here. Without them the baseline is vqfast's own eager path, and the JSON
 # says so (its versions list no diffusers).
 # Everything goes under $OUT (default bench/results/gpu-DATE): logs, JSON, the card's name.
-# Budget: under 8 minutes; each step has its own timeout so a hang cannot eat the rest.
+# Budget: under 10 minutes; each step has its own timeout so a hang cannot eat the rest.
+# Run it once before changing a kernel and once after; commit both result folders.
 # Dry run on a CPU machine (QUICK=1 shrinks the cases): the same steps, kernels interpreted.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,9 +51,16 @@ step() {  # step NAME TIMEOUT COMMAND...: run, log to $OUT/NAME.log, show the ta
   tail -n 3 "$OUT/$name.log"
 }
 
-TESTS=(tests/test_codebook.py tests/test_norms.py tests/test_dispatch.py tests/test_layout.py)
-[ -n "${QUICK:-}" ] && TESTS=(tests/test_dispatch.py)
-step kernel-tests 200 python -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+TESTS=(tests/ops/test_codebook.py tests/ops/test_norms.py tests/ops/test_kernel_norm_paths.py
+       tests/ops/test_dispatch.py tests/models/test_layout.py)
+[ -n "${QUICK:-}" ] && TESTS=(tests/ops/test_dispatch.py)
+step kernel-tests 180 python -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+
+if [ -n "${QUICK:-}" ]; then
+  step kernel-cases 60 python bench/kernel_resources.py --measure "$OUT/kernels" --quick
+else
+  step kernel-cases 120 python bench/kernel_resources.py --measure "$OUT/kernels"
+fi
 
 if [ -n "${QUICK:-}" ]; then  # a dry run: smallest cases, to prove the plumbing
   step bench-ops 120 python -m vqfast bench "${DEVICE_ARGS[@]}" --kinds group_norm --repeat 1 --out "$OUT/ops"
@@ -57,9 +69,9 @@ if [ -n "${QUICK:-}" ]; then  # a dry run: smallest cases, to prove the plumbing
 else
   step bench-ops 60 python -m vqfast bench "${DEVICE_ARGS[@]}" --kinds quantize spatial_norm group_norm \
     --codebooks movq amused vqgan_f16 --batch 16 --size 512 --dtype float32 float16 --out "$OUT/ops"
-  step bench-target 150 python -m vqfast bench "${DEVICE_ARGS[@]}" --kinds decode --models movq --batch 8 \
+  step bench-target 100 python -m vqfast bench "${DEVICE_ARGS[@]}" --kinds decode --models movq --batch 8 \
     --size 512 --dtype float16 --layout nchw channels_last --compile --out "$OUT/target"
-  step bench-grid 150 python -m vqfast bench "${DEVICE_ARGS[@]}" --kinds decode encode --batch 1 8 \
+  step bench-grid 100 python -m vqfast bench "${DEVICE_ARGS[@]}" --kinds decode encode --batch 1 8 \
     --size 256 512 --dtype float16 --repeat 5 --warmup 2 --out "$OUT/grid"
 fi
 

@@ -1,9 +1,21 @@
-"""Write the kernels' static cost report (kernels/aot.py) to bench/results/kernel-resources.{json,md}:
-per launch configuration and target, registers, shared memory, spills, and the hot loop read
-from the SASS (instructions per item, shuffles, barriers, global access widths), with the static
-time estimate for the benchmark case. Nothing here is measured on a GPU.
+"""The kernels' static cost report, and (on a GPU) the same cases measured beside it.
 
-    python bench/kernel_resources.py      # on any machine: no GPU needed
+    python bench/kernel_resources.py                  # any machine, no GPU: the static report
+    python bench/kernel_resources.py --measure OUT    # a CUDA machine: time every case
+
+Without arguments: writes the static report (kernels/aot.py) to
+bench/results/kernel-resources.{json,md}: per launch configuration and target, registers, shared
+memory, spills, and the hot loop read from the SASS (instructions per item, shuffles, barriers,
+global access widths), with the static time estimate for the benchmark case. Nothing there is
+measured.
+
+With --measure (bench/gpu_check.sh runs it): per kernel case of the report (sm_90 rows, at their
+benchmark sizes), the measured time of vqfast's Triton op (CUDA events via
+triton.testing.do_bench, median after warm-up, several input sets) beside the static estimate,
+the achieved GB/s against this card's copy bandwidth measured in the same run, for the search
+the (row, code) pairs per second against the FP32 issue limit, and the baselines: PyTorch's own
+ops, torch.compile of them, and diffusers' eager module when diffusers imports. Writes
+OUT/kernels.json and OUT/kernels.md.
 """
 
 import datetime
@@ -54,5 +66,205 @@ def main() -> None:
     (RESULTS / "kernel-resources.md").write_text(markdown(rows, meta))
 
 
+# ---------------------------------------------------------------------------------------------
+# measured on a GPU
+
+
+def _median_ms(fn, inputs: list) -> float:
+    """Median milliseconds of fn(*args) cycling over several input sets (so the L2 cache does not
+    hold the one being measured), after warm-up."""
+    import triton.testing
+
+    state = {"i": 0}
+
+    def call():
+        args = inputs[state["i"] % len(inputs)]
+        state["i"] += 1
+        return fn(*args)
+
+    return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write), measured here."""
+    import torch
+
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda a, b: b.copy_(a), [(src, dst)])
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def fp32_issue_rate() -> tuple[float, float]:
+    """(FP32 lane-instructions per second: SMs x 128 lanes x the maximum SM clock from nvidia-smi,
+    that clock in MHz)."""
+    import torch
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    try:
+        mhz = float(subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits"],
+                                   capture_output=True, text=True, check=True).stdout.split()[0])
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        mhz = 1980.0  # an H200's; said so in the output
+    return sms * 128 * mhz * 1e6, mhz
+
+
+def _compiled(fn):
+    import torch
+
+    return torch.compile(fn, dynamic=False)
+
+
+def search_cases(quick: bool) -> list[dict]:
+    """(dtype, D, K, N) of the report's search rows that have a benchmark size."""
+    shapes = [(4, 16384), (64, 8192), (256, 16384)] if not quick else [(4, 1024)]
+    return [dict(dtype=t, D=D, K=K, N=65536 if not quick else 4096) for t in ("float32", "float16") for D, K in shapes]
+
+
+def norm_cases(quick: bool) -> list[dict]:
+    if quick:
+        return [dict(dtype="float16", layout="nchw", B=1, C=64, G=32, H=64, W=64, spatial=False)]
+    cases = []
+    for dtype in ("float16", "bfloat16", "float32"):
+        for layout in ("nchw", "channels_last"):
+            cases += [dict(dtype=dtype, layout=layout, B=1, C=128, G=32, H=256, W=256, spatial=False),
+                      dict(dtype=dtype, layout=layout, B=8, C=512, G=32, H=64, W=64, spatial=True),
+                      dict(dtype=dtype, layout=layout, B=1, C=128, G=32, H=512, W=512, spatial=False)]
+    return cases
+
+
+def _estimate(rows: list[dict], **match) -> float | None:
+    """The static estimates summed over the report's sm_90 rows matching ``match`` (the two
+    passes of a norm), or None when the report has no such row."""
+    found = [r["estimate_us_h200"] for r in rows if r["arch"] == "sm_90" and all(r.get(k) == v for k, v in match.items())]
+    return sum(found) if found else None
+
+
+def measure(out: Path, quick: bool) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from vqfast import functional as vf
+    from vqfast import set_backend
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = json.loads((RESULTS / "kernel-resources.json").read_text())
+    rows = report["rows"]
+    if not torch.cuda.is_available():
+        (out / "kernels.json").write_text(json.dumps({"skipped": "no CUDA device: kernel timings need a GPU"}) + "\n")
+        print("no CUDA device: nothing measured (kernel timings need a GPU)")
+        return
+    try:
+        import diffusers  # noqa: F401
+        from diffusers.models.attention_processor import SpatialNorm as DiffusersSpatialNorm
+        from diffusers.models.autoencoders.vae import VectorQuantizer as DiffusersVQ
+    except ImportError:
+        DiffusersSpatialNorm = DiffusersVQ = None
+    bw = copy_bandwidth()
+    issue, mhz = fp32_issue_rate()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    results = []
+
+    def timed(name, fn, inputs):
+        try:
+            return round(_median_ms(fn, inputs) * 1e3, 1)
+        except Exception as e:  # a baseline that cannot run here is reported, not fatal
+            print(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+            return None
+
+    for c in search_cases(quick):
+        dtype = getattr(torch, c["dtype"])
+        book = torch.randn(c["K"], c["D"], device="cuda", generator=g).to(dtype)
+        inputs = [(torch.randn(c["N"], c["D"], device="cuda", generator=g).to(dtype), book) for _ in range(3)]
+        set_backend("triton")
+        ours = timed("vqfast", lambda z, e: vf.nearest_code(z, e), inputs)
+        set_backend(None)
+        torch_op = lambda z, e: torch.cdist(z.float(), e.float()).argmin(1)
+        base = {"torch cdist+argmin": timed("cdist", torch_op, inputs),
+                "torch.compile(cdist+argmin)": timed("compile", _compiled(torch_op), inputs)}
+        if DiffusersVQ is not None:
+            try:
+                vq = DiffusersVQ(c["K"], c["D"], beta=0.25).to("cuda", dtype)
+                vq.embedding.weight.data.copy_(book)
+                z4 = [(z.t().reshape(1, c["D"], 1, c["N"]).contiguous(),) for z, _ in inputs]
+                base["diffusers VectorQuantizer"] = timed("diffusers", lambda z: vq(z), z4)
+            except Exception as e:
+                print(f"diffusers VectorQuantizer: {type(e).__name__}: {str(e)[:200]}")
+        pairs = c["N"] * c["K"]
+        nbytes = c["N"] * c["D"] * book.element_size() + c["N"] * 8
+        results.append(dict(kernel="nearest_code", **c, measured_us=ours,
+                            estimate_us_h200=_estimate(rows, kernel="nearest_code", dtype=c["dtype"], D=c["D"], K=c["K"]),
+                            pairs_per_s=pairs / (ours * 1e-6) if ours else None,
+                            issue_limit_pairs_per_s=issue / (c["D"] + 3), baselines_us=base,
+                            gb_per_s=nbytes / (ours * 1e-6) / 1e9 if ours else None))
+    for c in norm_cases(quick):
+        dtype = getattr(torch, c["dtype"])
+        fmt = torch.channels_last if c["layout"] == "channels_last" else torch.contiguous_format
+        shape = (c["B"], c["C"], c["H"], c["W"])
+        w, b = torch.randn(c["C"], device="cuda", generator=g).to(dtype), torch.randn(c["C"], device="cuda", generator=g).to(dtype)
+        xs = [torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt) for _ in range(3)]
+        if c["spatial"]:
+            lo = (c["B"], c["C"], c["H"] // 8, c["W"] // 8)
+            maps = [(torch.randn(lo, device="cuda", generator=g).to(dtype), torch.randn(lo, device="cuda", generator=g).to(dtype))
+                    for _ in range(3)]
+            inputs = [(x, *m) for x, m in zip(xs, maps)]
+            ours_fn = lambda x, s, t: vf.spatial_norm(x, s, t, c["G"], None, None, activation="silu")
+
+            def torch_op(x, s, t):
+                up = lambda m: F.interpolate(m, size=x.shape[-2:], mode="nearest")
+                return F.silu(F.group_norm(x, c["G"], None, None, 1e-6) * up(s) + up(t))
+        else:
+            inputs = [(x,) for x in xs]
+            ours_fn = lambda x: vf.group_norm(x, c["G"], w, b, activation="silu")
+            torch_op = lambda x: F.silu(F.group_norm(x, c["G"], w, b, 1e-6))
+        set_backend("triton")
+        ours = timed("vqfast", ours_fn, inputs)
+        set_backend(None)
+        base = {"torch group_norm+silu" + (" (upsampled maps)" if c["spatial"] else ""): timed("torch", torch_op, inputs),
+                "torch.compile of it": timed("compile", _compiled(torch_op), inputs)}
+        if c["spatial"] and DiffusersSpatialNorm is not None:
+            try:
+                sn = DiffusersSpatialNorm(c["C"], c["C"]).to("cuda", dtype)  # zq with C channels
+                base["diffusers SpatialNorm (+silu)"] = timed(
+                    "diffusers", lambda x, s, t: F.silu(sn(x, s)), inputs)
+            except Exception as e:
+                print(f"diffusers SpatialNorm: {type(e).__name__}: {str(e)[:200]}")
+        numel = xs[0].numel()
+        nbytes = 3 * numel * xs[0].element_size()  # two reads and a write of the activation
+        results.append(dict(kernel="group_norm+silu" if not c["spatial"] else "spatial_norm+silu", **c,
+                            measured_us=ours, megabytes=numel * xs[0].element_size() / 2**20,
+                            estimate_us_h200=_estimate(rows, dtype=c["dtype"], layout=c["layout"], B=c["B"], C=c["C"],
+                                                       HW=c["H"] * c["W"], spatial=c["spatial"]),
+                            gb_per_s=nbytes / (ours * 1e-6) / 1e9 if ours else None, baselines_us=base))
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.date.today().isoformat(), "copy_gb_per_s": round(bw / 1e9, 1),
+           "fp32_issue_per_s": issue, "sm_clock_mhz": mhz,
+           "estimates_from": f"bench/results/kernel-resources.json (triton {report['meta']['triton']}, {report['meta']['date']})"}
+    (out / "kernels.json").write_text(json.dumps({"env": env, "results": results}, indent=1) + "\n")
+    lines = [f"# Kernel cases on {env['gpu']} ({env['date']}, torch {env['torch']}, triton {env['triton']})", "",
+             f"Copy bandwidth measured in this run: {env['copy_gb_per_s']} GB/s. FP32 issue limit: SMs x 128 x "
+             f"{mhz:.0f} MHz. Static estimates from {env['estimates_from']} (an estimate, not a measurement).", "",
+             "| case | measured us | static estimate us | GB/s (% of copy) | pairs/s (% of issue limit) | baselines us |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        name = " ".join(f"{k}={r[k]}" for k in ("kernel", "dtype", "layout", "D", "K", "N", "B", "C", "H", "W") if k in r)
+        gbs = f"{r['gb_per_s']:.0f} ({100 * r['gb_per_s'] * 1e9 / bw:.0f}%)" if r.get("gb_per_s") else ""
+        pps = (f"{r['pairs_per_s']:.3g} ({100 * r['pairs_per_s'] / r['issue_limit_pairs_per_s']:.0f}%)"
+               if r.get("pairs_per_s") else "")
+        base = "; ".join(f"{k} {v}" for k, v in r["baselines_us"].items())
+        lines.append(f"| {name} | {r['measured_us']} | {r['estimate_us_h200']} | {gbs} | {pps} | {base} |")
+    (out / "kernels.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", type=Path, metavar="OUT", help="time every kernel case on this GPU into OUT/")
+    parser.add_argument("--quick", action="store_true", help="the smallest cases (a dry run of the plumbing)")
+    args = parser.parse_args()
+    if args.measure:
+        measure(args.measure, args.quick)
+    else:
+        main()
