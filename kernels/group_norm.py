@@ -1,19 +1,26 @@
-"""GroupNorm (+SiLU), and SpatialNorm's apply pass, in two kernels over any NCHW-like layout.
+"""GroupNorm (+SiLU), and SpatialNorm's apply pass: a statistics pass, then an apply pass.
 
-1. ``group_stats_kernel``: grid (B * G, S). Each program takes 1/S of one group's positions
-   (all Cg channels) and writes its count, mean and centred sum of squares (M2), computed with
-   a two-pass over each tile in registers and Chan's combine across tiles. Splitting the group
-   over S programs is what fills the GPU at batch 1 (a 32-group decoder layer at 256x256 has
-   32 groups of a million elements).
-2. ``group_apply_kernel``: the same grid. Each program combines the group's S partials (Chan
-   again: never E[x^2] - E[x]^2), then normalises its slice, applies the affine, for SpatialNorm
-   multiplies and adds the low-resolution scale and shift gathered by the nearest rule, applies
-   SiLU, and stores in the input's layout. Two reads and one write of x in all.
+Statistics: grid (B * G, S). Each program takes 1/S of one group and writes its count, mean and
+M2; the apply pass combines a group's S partials with Chan's formula (never E[x^2] - E[x]^2).
+Splitting a group over S programs is what fills the GPU at batch 1 (a 32-group decoder layer at
+256x256 has 32 groups of a million elements).
 
-x is read through its strides (NCHW and channels_last alike); offsets are 64-bit.
+Three paths, chosen by the launcher (layout_path):
+- "nchw", x and y contiguous: a group is one slab. slab_stats_kernel keeps a Welford (mean, M2)
+  per register slot (one reciprocal per trip, no division or reduction per element) and reduces
+  once per program; slab_apply_kernel runs one channel per program: one FMA per element, SiLU;
+  slab_spatial_apply_kernel walks rows, gathering SpatialNorm's scale and shift.
+- "channels_last": a group is CG contiguous channels at every pixel; pixel_*_kernel do the same
+  over [pixels, CG] tiles.
+- "strided", any other view (sliced, misaligned, odd group width): group_stats_kernel and
+  group_apply_kernel read x through its strides (64-bit offsets), exact but slower.
+The vector paths pass sizes as multiples of constexprs so that the compiler can prove 16-byte
+alignment: their global accesses are 128 bits (64 for 4-channel fp16 groups).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -253,6 +260,53 @@ def slab_apply_kernel(
 
 
 @triton.jit
+def slab_spatial_apply_kernel(
+    x_ptr, y_ptr, part_ptr, w_ptr, b_ptr,  # x, y contiguous NCHW
+    scale_ptr, shift_ptr, src_h_ptr, src_w_ptr,  # (B, C, h, w) maps (same strides), nearest index maps
+    C, H, WV, G, S, rows_per_prog, eps,  # WV = W / VEC
+    mb, mc, mh, mw,  # the maps' strides
+    CG: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
+    AFFINE: tl.constexpr, SILU: tl.constexpr,
+):
+    """SpatialNorm's apply for a contiguous NCHW f: grid (B * C, splits of H), a program walks its
+    rows of one channel, ROWS rows of W <= BLOCK_W per trip. The source columns of the nearest
+    rule (their offsets in the maps) are loaded once per program, the source rows once per trip;
+    per element, the scale and shift are gathered from the latent-resolution maps."""
+    bc = tl.program_id(0)
+    s = tl.program_id(1)
+    W = WV * VEC  # a multiple of VEC: rows start 16-byte aligned
+    c = bc % C
+    bb = (bc // C).to(tl.int64)
+    mean, rstd = _group_moments(part_ptr, bb * G + c // CG, S, eps, BLOCK_S)
+    a = rstd
+    shift0 = -mean * rstd
+    if AFFINE:
+        a = rstd * tl.load(w_ptr + c).to(tl.float32)
+        shift0 = tl.load(b_ptr + c).to(tl.float32) - mean * a
+    w = tl.arange(0, BLOCK_W)
+    r = tl.arange(0, ROWS)
+    w_ok = w < W
+    col = tl.load(src_w_ptr + w, mask=w_ok, other=0) * mw
+    map_off = bb * mb + c.to(tl.int64) * mc
+    sp = scale_ptr + map_off
+    tp = shift_ptr + map_off
+    h0 = s * rows_per_prog
+    h1 = tl.minimum(h0 + rows_per_prog, H)
+    xp = x_ptr + bc.to(tl.int64) * H * W
+    yp = y_ptr + bc.to(tl.int64) * H * W
+    for t in range(0, rows_per_prog, ROWS):
+        rows = h0 + t + r
+        m = (rows < h1)[:, None] & w_ok[None, :]
+        moff = tl.load(src_h_ptr + rows, mask=rows < h1, other=0)[:, None] * mh + col[None, :]
+        off = rows[:, None] * W + w[None, :]
+        y = tl.load(xp + off, mask=m, other=0.0).to(tl.float32) * a + shift0
+        y = y * tl.load(sp + moff, mask=m, other=0.0).to(tl.float32) + tl.load(tp + moff, mask=m, other=0.0).to(tl.float32)
+        if SILU:
+            y = _silu(y, y_ptr.dtype.element_ty != tl.float32)
+        tl.store(yp + off, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def pixel_apply_kernel(
     x_ptr, y_ptr, part_ptr, w_ptr, b_ptr,  # x, y channels_last
     P, G, S, per_blocks, eps,  # per_blocks: pixels per program / BLOCK_P
@@ -418,6 +472,18 @@ def specialised_config(path: str, B: int, C: int, G: int, P: int, elt: int) -> d
                 apply_const=dict(CG=CG, BLOCK_P=block_pa, BLOCK_S=triton.next_power_of_2(s)))
 
 
+def spatial_config(B: int, C: int, H: int, W: int, itemsize: int) -> dict | None:
+    """Grid and tiles of slab_spatial_apply_kernel, or None where it does not apply (rows that
+    would not start 16-byte aligned, or wider than one tile)."""
+    if W * itemsize % 16 or W > 4096:
+        return None
+    block_w = triton.next_power_of_2(W)
+    rows = max(1, BLOCK // block_w)
+    splits, per_prog = _splits(H, rows, B * C)
+    return dict(grid=(B * C, splits), rows_per_prog=per_prog,
+                const=dict(ROWS=rows, BLOCK_W=block_w, VEC=16 // itemsize))
+
+
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """(B, C, L) -> (B, C, 1, L); 4-D passes through (views only)."""
     return t.unsqueeze(2) if t.ndim == 3 else t
@@ -458,6 +524,16 @@ def norm(
         if path == "nchw":
             PV = P // sc["VEC"]
             slab_stats_kernel[cfg["stats_grid"]](x4, partials, PV, SP, cfg["stats_per"] // sc["BLOCK"], num_warps=NUM_WARPS, **sc)
+            sp_cfg = spatial_config(B, C, H, W, x.element_size()) if spatial is not None else None
+            if sp_cfg is not None:
+                scale, shift, src_h, src_w = spatial
+                if scale.stride() != shift.stride():
+                    shift = torch.empty_like(scale).copy_(shift)  # one set of map strides (latent-sized)
+                slab_spatial_apply_kernel[sp_cfg["grid"]](
+                    x4, y4, partials, *wb, scale, shift, src_h, src_w, C, H, W // sp_cfg["const"]["VEC"], G, SP,
+                    sp_cfg["rows_per_prog"], eps, *scale.stride(), CG=CG, BLOCK_S=triton.next_power_of_2(SP),
+                    AFFINE=affine, SILU=silu, num_warps=NUM_WARPS, **sp_cfg["const"])
+                return y
             if spatial is None:
                 slab_apply_kernel[cfg["apply_grid"]](x4, y4, partials, *wb, C, PV, G, SP, cfg["apply_per"] // BLOCK, eps,
                                                      AFFINE=affine, SILU=silu, num_warps=NUM_WARPS, **ac)
@@ -538,6 +614,15 @@ def compile_spec(dtype: torch.dtype, layout: str, B: int, C: int, G: int, P: int
         if not spatial:
             return launches
         launches = launches[:1]
+        W = math.isqrt(P)  # the aot cases' SpatialNorm images are square
+        sp_cfg = spatial_config(B, C, P // W, W, elt) if path == "nchw" else None
+        if sp_cfg is not None:
+            sig = {**wb, "scale_ptr": dtype, "shift_ptr": dtype, "src_h_ptr": torch.int32, "src_w_ptr": torch.int32,
+                   **{n: "i32" for n in ("C", "H", "WV", "G", "S", "rows_per_prog")}, "eps": "fp32",
+                   **{n: "i32" for n in ("mb", "mc", "mh", "mw")}}
+            const = dict(CG=CG, BLOCK_S=triton.next_power_of_2(SP), **sp_cfg["const"], **flags)
+            per_trip = sp_cfg["const"]["ROWS"] * min(W, sp_cfg["const"]["BLOCK_W"])
+            return launches + [(slab_spatial_apply_kernel, sig, const, NUM_WARPS, per_trip, None, ptrs(sig))]
     cfg = launch_config(B, G, CG, P)
     num_warps = cfg.pop("num_warps")
     S = cfg.pop("S")
@@ -562,8 +647,8 @@ def compile_spec(dtype: torch.dtype, layout: str, B: int, C: int, G: int, P: int
 def _note(layout: str, path: str, CG: int, P: int, itemsize: int, spatial: bool) -> str:
     """Why a row runs the strided kernels (they miss the budgets: per-element division, scalar
     accesses, a reduction per tile)."""
-    if spatial and path != "strided":
-        return "apply: the strided kernel (no layout-specialised SpatialNorm apply yet)"
+    if spatial and path == "channels_last":
+        return "apply: the strided kernel (no channels_last SpatialNorm apply yet)"
     if path != "strided":
         return ""
     if layout == "strided":
@@ -584,7 +669,7 @@ def aot_launches(arch: int) -> list[dict]:
                     note=_note(layout, path, C // G, P, elt, spatial))
         for i, (kernel, sig, const, warps, per_trip, trips, divisible) in enumerate(
                 compile_spec(dtype, layout, B, C, G, P, spatial)):
-            if i == 1 and spatial:
+            if i == 1 and spatial and kernel is group_apply_kernel:
                 case = dict(case, path="strided")
             out.append(dict(kernel=kernel, name="group_stats" if i == 0 else "group_apply", case=case,
                             signature=sig, constexprs=const, num_warps=warps, divisible=divisible,
