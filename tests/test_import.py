@@ -56,7 +56,8 @@ def test_documented_names():
 
 def test_import_is_light():
     """`import vqfast` after `import torch` loads vqfast's own modules and nothing else: no
-    torch._dynamo (about a second), no triton, no sympy. Counted in modules, not seconds."""
+    torch._dynamo (about a second), no triton, no sympy. Counted in modules, not seconds. A CPU
+    GroupNorm does not import triton either."""
     out = _run(
         """
         import sys, torch
@@ -64,11 +65,17 @@ def test_import_is_light():
         import vqfast
         new = sorted(set(sys.modules) - before)
         print(len(new)); print(" ".join(m for m in new if m.split(".")[0] != "vqfast"))
+        from vqfast import functional as vf
+        with torch.no_grad():
+            vf.group_norm(torch.randn(1, 32, 8, 8), 8, activation="silu")
+        print("triton" in sys.modules)
         """
     )
-    count, foreign = (out.splitlines() + [""])[:2]
+    count, foreign, triton_after_norm = (out.splitlines() + [""])[:3]
     assert foreign.strip() == "", f"import vqfast pulled in modules beyond its own: {foreign}"
     assert int(count) <= 30, f"import vqfast loaded {count} modules"
+    # the automatic path on CPU never asks for the kernels: triton (~80 MiB resident) stays out
+    assert triton_after_norm == "False"
 
 # --- layout: three parts, one import direction -------------------------------------------------
 

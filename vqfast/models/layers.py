@@ -51,9 +51,48 @@ class SpatialNorm(nn.Module):
             up = lambda t: F.interpolate(t, size=f.shape[-2:], mode="nearest")  # noqa: E731
             y = n(f) * up(self.conv_y(zq)) + up(self.conv_b(zq))
             return F.silu(y) if activation == "silu" else y
-        return vf.spatial_norm(
-            f, self.conv_y(zq), self.conv_b(zq), n.num_groups, n.weight, n.bias, n.eps, activation
-        )
+        scale, shift = spatial_maps(self, zq, f)
+        return vf.spatial_norm(f, scale, shift, n.num_groups, None, None, n.eps, activation)
+
+
+def spatial_map_weights(wy, by, wb, bb, weight, bias) -> tuple[torch.Tensor, ...]:
+    """SpatialNorm's conv_y and conv_b (1x1, (C, Z, 1, 1)) with the GroupNorm affine (w, b)
+    folded in, as (Z, C) matrices and (C,) offsets: (scale matrix, scale offset, shift matrix,
+    shift offset) for scale = w * conv_y(zq) and shift = conv_b(zq) + b * conv_y(zq), since
+    (n w + b) y + c = n (w y) + (b y + c). Summed in float32 (float64 for float64 weights) and
+    rounded once to the weights' dtype."""
+    acc = torch.float64 if wy.dtype == torch.float64 else torch.float32
+    C, dtype = wy.shape[0], wy.dtype
+    wy, wb = wy.reshape(C, -1).to(acc), wb.reshape(C, -1).to(acc)
+    by = by.to(acc) if by is not None else wy.new_zeros(C)
+    bb = bb.to(acc) if bb is not None else wy.new_zeros(C)
+    w = weight.to(acc) if weight is not None else wy.new_ones(C)
+    b = bias.to(acc) if bias is not None else wy.new_zeros(C)
+    out = (wy * w[:, None]).t(), by * w, (wb + wy * b[:, None]).t(), bb + by * b
+    return tuple(t.to(dtype).contiguous() for t in out)
+
+
+def spatial_maps(norm: nn.Module, zq: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A SpatialNorm's scale and shift maps at zq's resolution, (B, C, h, w) each in the memory
+    format of ``like`` (the tensor it normalises), with the norm's affine folded in: one small
+    matrix product each, in place of two 1x1 convolutions and two broadcast ops; the folded
+    weights are built once per weight state (vqfast.ops.derived)."""
+    cy, cb, n = norm.conv_y, norm.conv_b, norm.norm_layer
+    folded = derived(spatial_map_weights, cy.weight, cy.bias, cb.weight, cb.bias, n.weight, n.bias)
+    B, Z, h, w = zq.shape
+    C = folded[1].shape[0]
+    channels_last = _memory_format(like) == torch.channels_last
+    maps = []
+    for matrix, offset in (folded[:2], folded[2:]):  # (Z, C), (C,)
+        matrix, offset = matrix.to(zq.dtype), offset.to(zq.dtype)
+        if channels_last:  # (B, hw, Z) @ (Z, C), laid out (B, h, w, C): channels_last strides
+            rows = zq.transpose(1, 2).transpose(2, 3).reshape(B, h * w, Z)
+            m = torch.baddbmm(offset, rows, matrix.expand(B, -1, -1))
+            maps.append(m.view(B, h, w, C).transpose(2, 3).transpose(1, 2))
+        else:  # (C, Z) @ (B, Z, hw)
+            m = torch.baddbmm(offset[:, None], matrix.t().expand(B, -1, -1), zq.reshape(B, Z, h * w))
+            maps.append(m.view(B, C, h, w))
+    return maps[0], maps[1]
 
 
 def norm_act(norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, act: nn.Module | None) -> torch.Tensor:

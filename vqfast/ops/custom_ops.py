@@ -20,13 +20,19 @@ def _kernels():
     return codebook
 
 
+def norm_layout(x: Tensor) -> torch.memory_format:
+    """channels_last for a 4-D channels_last x (dense in that format, not in NCHW), else
+    contiguous_format."""
+    channels_last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _norm_strides(x: Tensor) -> tuple[int, ...]:
     """The strides F.group_norm gives its output: x's own when x is dense in its memory format
     (channels_last for a 4-D channels_last x, contiguous otherwise), else fresh ones in that
     format. The layers after a norm then see the layout they see in diffusers, which matters:
     matmuls and convolutions round by layout."""
-    channels_last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = norm_layout(x)
     if x.is_contiguous(memory_format=fmt):
         return x.stride()
     return torch.empty(x.shape, device="meta", memory_format=fmt).stride()  # no memory
@@ -37,9 +43,9 @@ def _new_like(x: Tensor) -> Tensor:
     return torch.empty_strided(x.shape, _norm_strides(x), dtype=x.dtype, device=x.device)
 
 
-def _in_layout_of(out: Tensor, x: Tensor) -> Tensor:
-    """out in the layout _new_like(x) has (what the fakes promise torch.compile); a copy only
-    when the eager op laid it out otherwise."""
+def in_norm_layout(out: Tensor, x: Tensor) -> Tensor:
+    """out in the layout _new_like(x) has (what the fakes promise torch.compile, and what
+    F.group_norm gives); a copy only when the eager op laid it out otherwise."""
     return out if out.stride() == _norm_strides(x) else _new_like(x).copy_(out)
 
 
@@ -124,7 +130,7 @@ def group_norm(
         from ..kernels import group_norm as kernel
 
         return kernel.norm(_new_like(x), x, num_groups, weight, bias, eps, silu)
-    return _in_layout_of(reference.group_norm(x, num_groups, weight, bias, eps, silu), x)
+    return in_norm_layout(reference.group_norm(x, num_groups, weight, bias, eps, silu), x)
 
 
 @group_norm.register_fake
@@ -141,7 +147,7 @@ def spatial_norm(
         from ..kernels import spatial_norm as kernel
 
         return kernel.spatial_norm(_new_like(f), f, scale, shift, num_groups, weight, bias, eps, silu)
-    return _in_layout_of(reference.spatial_norm(f, scale, shift, num_groups, weight, bias, eps, silu), f)
+    return in_norm_layout(reference.spatial_norm(f, scale, shift, num_groups, weight, bias, eps, silu), f)
 
 
 @spatial_norm.register_fake

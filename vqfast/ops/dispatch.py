@@ -64,9 +64,11 @@ def use_triton(device: torch.device) -> bool:
     backend = get_backend()
     if backend == "eager":
         return False
+    if backend == "auto" and device.type != "cuda":
+        return False  # before triton_problem(): importing triton costs ~80 MiB and a second on CPU
     problem = triton_problem()
     if backend == "auto":
-        return device.type == "cuda" and problem is None
+        return problem is None
     if problem is not None:
         raise RuntimeError(f"the 'triton' backend is forced but the kernels cannot be imported ({problem})")
     if device.type == "cuda":

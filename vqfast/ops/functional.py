@@ -1,12 +1,19 @@
 """The ops the model calls. Each checks its arguments, asks the dispatcher for the path, and
 runs it: a Triton kernel (vqfast.kernels) or the eager reference (vqfast.ops.reference).
+
+The Triton path goes through torch.library custom ops (vqfast.ops.custom_ops), which
+torch.compile keeps as opaque calls. The eager path of the two norms calls the reference's
+PyTorch ops directly, with no custom-op boundary, so that torch.compile sees and fuses them
+(inductor turns GroupNorm + SpatialNorm's multiply-add + SiLU into one or two loops); their
+autograd is PyTorch's own. The codebook search stays a custom op on both paths: its loop over
+row tiles must not be unrolled into a graph.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import custom_ops
+from . import custom_ops, reference
 from .dispatch import use_triton
 
 _ACTIVATIONS = (None, "silu")
@@ -72,6 +79,16 @@ def quantize(
     return custom_ops.quantize(z, codebook, dim, z_weight, code_weight, use_triton(z.device))
 
 
+def _plain_ops(x: torch.Tensor) -> bool:
+    """Whether a norm runs as plain PyTorch ops (the eager path, visible to torch.compile)
+    rather than through its custom op. Eager mode keeps the custom op for channels_last x: the
+    reference normalises those in NCHW order (see reference._group_norm), and the op boundary
+    keeps that round trip inside one op, whose output is channels_last like its input."""
+    if use_triton(x.device):
+        return False
+    return torch.compiler.is_compiling() or custom_ops.norm_layout(x) != torch.channels_last
+
+
 def _check_norm(x: torch.Tensor, num_groups: int, name: str) -> None:
     if x.ndim not in (3, 4):
         raise ValueError(f"{name} must be (B, C, H, W) or (B, C, L), got shape {tuple(x.shape)}")
@@ -93,7 +110,10 @@ def group_norm(
     Output in x's dtype and memory format; statistics in fp32."""
     _check_activation(activation)
     _check_norm(x, num_groups, "x")
-    return custom_ops.group_norm(x, num_groups, weight, bias, float(eps), activation == "silu", use_triton(x.device))
+    silu = activation == "silu"
+    if not _plain_ops(x):
+        return custom_ops.group_norm(x, num_groups, weight, bias, float(eps), silu, use_triton(x.device))
+    return custom_ops.in_norm_layout(reference.group_norm(x, num_groups, weight, bias, float(eps), silu), x)
 
 
 def spatial_norm(
@@ -119,6 +139,9 @@ def spatial_norm(
             f"spatial_norm needs f (B, C, H, W) and scale, shift (B, C, h, w) of one shape, got "
             f"{tuple(f.shape)}, {tuple(scale.shape)}, {tuple(shift.shape)}"
         )
-    return custom_ops.spatial_norm(
-        f, scale, shift, num_groups, weight, bias, float(eps), activation == "silu", use_triton(f.device)
+    silu = activation == "silu"
+    if not _plain_ops(f):
+        return custom_ops.spatial_norm(f, scale, shift, num_groups, weight, bias, float(eps), silu, use_triton(f.device))
+    return custom_ops.in_norm_layout(
+        reference.spatial_norm(f, scale, shift, num_groups, weight, bias, float(eps), silu), f
     )

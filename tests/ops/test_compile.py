@@ -1,0 +1,109 @@
+"""torch.compile of the whole model: equal to eager in every dtype, and on CPU the norms reach
+inductor as plain PyTorch ops (no custom-op boundary), while the Triton path keeps its custom ops.
+
+Inductor compiles tiny models only (its C++ code generation costs seconds per graph here)."""
+
+import copy
+
+import pytest
+import torch
+
+import vqfast
+
+#: (relative tolerance of compiled vs a float64 reference beyond twice eager's error)
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    torch._dynamo.reset()
+    vqfast.set_backend(None)
+    yield
+    vqfast.set_backend(None)
+    torch._dynamo.reset()
+
+
+def _tiny(**kw):
+    """Two blocks each way (so the folded upsample is in), attention in the decoder only: the
+    smallest model with every kind of layer, to keep inductor's compile time down."""
+    torch.manual_seed(0)
+    config = dict(
+        block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, vq_embed_dim=4,
+        norm_num_groups=8, num_vq_embeddings=64, layers_per_block=1, mid_block_add_attention=False,
+    )
+    model = vqfast.VQModel(**{**config, **kw}).eval()
+    with torch.no_grad():  # a few codes far apart: bf16 rounding of the latents picks the same ones
+        model.quantize.embedding.weight.normal_().mul_(10)
+    return model
+
+
+def _calls(spatial, ids_model):
+    """Every branch: forward (encode, then the quantizing decode: one graph holds both, which
+    halves inductor's work against compiling them apart), the pass-through and the token-id
+    decode."""
+
+    def run(x, h, ids):
+        return {
+            "decode pass-through": spatial.decode(h, force_not_quantize=True).sample,
+            "decode token ids": ids_model.decode(ids, force_not_quantize=True, shape=(1, 4, 4, 4)).sample,
+            "forward": spatial(x).sample,
+        }
+
+    return run
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_model_equals_eager(dtype):
+    """Every call compiled by inductor against eager in the same dtype and a float64 copy of
+    the same weights: compiled error <= 2 x eager error + the dtype's tolerance, and no NaN."""
+    spatial, ids_model = _tiny(norm_type="spatial", num_vq_embeddings=4), _tiny(lookup_from_codebook=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    h = torch.randn(1, 4, 4, 4, generator=g)
+    ids = torch.randint(0, 64, (1, 4, 4), generator=g)
+    models = [m.to(dtype) for m in (spatial, ids_model)]
+    x, h = x.to(dtype), h.to(dtype)
+    wide = [copy.deepcopy(m).double() for m in models]  # the same (rounded) weights in float64
+    with torch.no_grad():
+        eager = _calls(*models)(x, h, ids)
+        ref = _calls(*wide)(x.double(), h.double(), ids)
+        compiled = torch.compile(_calls(*models))(x, h, ids)
+    for name, out in compiled.items():
+        assert out.dtype == dtype and not out.isnan().any(), name
+        assert _rel(out, ref[name]) <= 2 * _rel(eager[name], ref[name]) + ATOL[dtype], name
+
+
+def _graph_ops(fn, *args):
+    """The call targets of the FX graphs torch.compile hands its backend for fn(*args)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return seen
+
+
+def test_cpu_norms_reach_the_compiler_as_plain_ops():
+    """On CPU the compiler sees GroupNorm, SpatialNorm and SiLU as PyTorch ops it can fuse;
+    the codebook search stays one opaque custom op (its tile loop must not be unrolled)."""
+    model = _tiny(norm_type="spatial")
+    ops = _graph_ops(lambda h: model.decode(h).sample, torch.randn(1, 4, 4, 4))
+    assert not [op for op in ops if "vqfast.group_norm" in op or "vqfast.spatial_norm" in op]
+    assert sum("group_norm" in op for op in ops) >= 6 and any("silu" in op for op in ops)
+    assert sum("vqfast.quantize" in op for op in ops) == 1
+
+
+def test_triton_path_keeps_its_custom_ops():
+    vqfast.set_backend("triton")  # the kernels under the interpreter stand in for CUDA here
+    model = _tiny(norm_type="spatial")
+    ops = _graph_ops(lambda h: model.decode(h, force_not_quantize=True).sample, torch.randn(1, 4, 2, 2))
+    assert sum("vqfast.spatial_norm" in op for op in ops) >= 6
+    assert not [op for op in ops if op.endswith("group_norm") and "vqfast" not in op]
