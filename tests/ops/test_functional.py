@@ -70,3 +70,30 @@ def test_group_norm_silu_and_activation_check():
     assert torch.equal(vf.group_norm(x, 4, activation="silu"), F.silu(F.group_norm(x, 4, eps=1e-6)))
     with pytest.raises(ValueError, match="activation must be one of"):
         vf.group_norm(x, 4, activation="relu")
+
+
+def test_two_level_search_equals_one_argmin(monkeypatch):
+    """K a multiple of reference.BLOCK takes the two-level minimum (block minima, then inside
+    the winning block); it must pick exactly what one torch.argmin over the same scores picks:
+    ties to the lowest index (duplicate codes in one block and in different blocks), NaN rows
+    to index 0, rows split across tiles."""
+    g = torch.Generator().manual_seed(21)
+    B = reference.BLOCK
+    K = 4 * B
+    codebook = torch.randn(K, 4, generator=g)
+    codebook[B + 3] = codebook[2]  # a duplicate in another block: index 2 must win
+    codebook[3 * B + 9] = codebook[3 * B + 7]  # one in the same block: 3B+7 must win
+    z = torch.randn(999, 4, generator=g) * 1.5
+    z[:20] = codebook[2]
+    z[20:40] = codebook[3 * B + 7]
+    z[40, 1] = float("nan")
+    z[41:50] += 300  # far from every code
+    blocked = reference.nearest_code(z, codebook, 1, scratch_bytes=K * 4 * 7)  # 7-row tiles
+    monkeypatch.setattr(reference, "BLOCK", K + 1)  # K no longer a multiple: one argmin per row
+    single = reference.nearest_code(z, codebook, 1, scratch_bytes=K * 4 * 7)
+    assert torch.equal(blocked, single)
+    assert (blocked[:20] == 2).all() and (blocked[20:40] == 3 * B + 7).all() and blocked[40] == 0
+    exact = torch.cdist(z[41:].double(), codebook.double()).argmin(dim=1)
+    assert torch.equal(blocked[41:], exact)
+    codebook[5, 0] = float("nan")  # a NaN code: every score NaN, every row index 0
+    assert (reference.nearest_code(z, codebook, 1) == 0).all()
