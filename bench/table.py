@@ -3,7 +3,8 @@
     python bench/table.py          # rewrites the block between the bench markers in README.md
 
 Reads every bench/results/**/vqfast-bench-*.json. Each row: the case, the machine it ran on,
-vqfast's median time and the baseline's, the speed-up, the peak memory each added, and the date.
+vqfast's median time (or compiled vqfast's, named) and the baseline's, the speed-up, the peak
+memory each added, and the date.
 Nothing in the table is typed by hand.
 """
 
@@ -11,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from vqfast.cli.bench import Case
+from vqfast.cli.bench import Case, comparisons, row_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -25,15 +26,13 @@ def rows() -> list[str]:
         run = json.loads(file.read_text())
         for r in run["results"]:
             case = r["case"]
-            for name, b in r["baselines"].items():
-                if "error" in b:
+            for ours_name, ours, name, b in comparisons(r):
+                if "error" in b or "error" in ours:
                     continue
-                ours = r["vqfast"]
-                key = (KIND_ORDER.index(case["kind"]), case["name"], case["batch"], case["size"], case["dtype"], name)
-                found.append((key, (
-                    f"| {Case(**case).label} | {run['device_name']} | {ours['ms']:.1f} ms | {name} {b['ms']:.1f} ms | "
-                    f"{b['ms'] / ours['ms']:.2f}x | {ours['peak_mib']:.0f} / {b['peak_mib']:.0f} MiB | {run['date'][:10]} |"
-                )))
+                key = (KIND_ORDER.index(case["kind"]), case["name"], case["batch"], case["size"], case["dtype"],
+                       ours_name, name)
+                cells = [Case(**case).label, run["device_name"], *row_cells(ours_name, ours, name, b), run["date"][:10]]
+                found.append((key, "| " + " | ".join(cells) + " |"))
     return [line for _, line in sorted(found)]
 
 

@@ -1,5 +1,7 @@
-"""``vqfast bench``: vqfast against diffusers (and, on GPU, its own eager path and torch.compile
-of diffusers) on the real checkpoints' shapes, with time and peak memory.
+"""``vqfast bench``: vqfast against diffusers (and, on GPU, its own eager path) on the real
+checkpoints' shapes, with time and peak memory. ``--compile`` adds torch.compile of diffusers
+(what a performance-minded user runs instead of vqfast) and torch.compile of vqfast, which is
+set against vqfast itself and against compiled diffusers.
 
 Prints a markdown table (case, device, vqfast, baseline, speed-up, peak memory) and writes a JSON
 file with the device, the versions and the date to ``--out`` (default bench/results/). The README's
@@ -42,7 +44,8 @@ NORM_SHAPE = (128, 256)
 class Case:
     """One measurement. ``kind``: encode | decode (whole model), quantize (codebook search),
     group_norm (GroupNorm+SiLU) or spatial_norm (SpatialNorm+SiLU). ``impl``: vqfast (its
-    automatic path), vqfast-eager, diffusers, diffusers-compile (torch.compile, default mode)."""
+    automatic path), vqfast-eager, vqfast-compile, diffusers, diffusers-compile (the -compile
+    ones under torch.compile, default mode; compilation happens in the warm-up run)."""
 
     kind: str
     name: str  # model or codebook name
@@ -100,7 +103,7 @@ def _model_case(case: Case) -> Callable[[], object]:
     else:
         fn, x = net.decode, torch.randn(case.batch, D, case.size // f, case.size // f)
     x = x.to(case.device, dtype).contiguous(memory_format=fmt)
-    if case.impl == "diffusers-compile":
+    if case.impl.endswith("-compile"):
         fn = torch.compile(fn)
     return lambda: fn(x)
 
@@ -119,7 +122,7 @@ def _quantize_case(case: Case) -> Callable[[], object]:
     with torch.no_grad():
         q.embedding.weight.copy_(torch.randn(K, D, generator=g))
     q = q.to(case.device, dtype)
-    fn = torch.compile(q) if case.impl == "diffusers-compile" else q
+    fn = torch.compile(q) if case.impl.endswith("-compile") else q
     return lambda: fn(z)
 
 
@@ -144,7 +147,8 @@ def _norm_case(case: Case) -> Callable[[], object]:
     from vqfast.models.layers import SpatialNorm, norm_act
 
     norm = (SpatialNorm(C, 4) if case.kind == "spatial_norm" else torch.nn.GroupNorm(32, C, eps=1e-6)).to(case.device, dtype)
-    return lambda: norm_act(norm, x, zq, silu)
+    fn = lambda: norm_act(norm, x, zq, silu)  # noqa: E731
+    return torch.compile(fn) if case.impl.endswith("-compile") else fn
 
 
 BUILDERS = {"encode": _model_case, "decode": _model_case, "quantize": _quantize_case,
@@ -179,6 +183,8 @@ def measure_here(case: Case, repeat: int, warmup: int) -> dict:
     adds} in this process."""
     run = build(case)
     cuda = case.device.startswith("cuda")
+    if case.impl.endswith("-compile"):
+        run()  # compilation: neither the timed runs nor the peak memory of one call
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -213,15 +219,36 @@ def measure(case: Case, repeat: int, warmup: int) -> dict:
 
 
 def baselines(device: str, compile_baseline: bool) -> list[str]:
-    """What vqfast is compared with: diffusers when installed (a GPU machine may lack it), and
-    on GPU vqfast's eager path and, when asked, torch.compile of diffusers."""
+    """What vqfast is compared with: diffusers when installed (a GPU machine may lack it), on
+    GPU vqfast's eager path, and when asked torch.compile of diffusers."""
     has_diffusers = importlib.util.find_spec("diffusers") is not None
     out = ["diffusers"] if has_diffusers else []
     if device.startswith("cuda"):
         out.append("vqfast-eager")
-        if has_diffusers and compile_baseline:
-            out.append("diffusers-compile")
+    if has_diffusers and compile_baseline:
+        out.append("diffusers-compile")
     return out
+
+
+def comparisons(result: dict) -> list[tuple[str, dict, str, dict]]:
+    """(ours name, ours, baseline name, baseline) for each table row of one result: vqfast
+    against each baseline, and with --compile vqfast compiled against vqfast and against
+    compiled diffusers."""
+    rows = [("vqfast", result["vqfast"], name, b) for name, b in result["baselines"].items()]
+    compiled = result.get("vqfast-compile")
+    if compiled is not None:
+        rows.append(("vqfast-compile", compiled, "vqfast", result["vqfast"]))
+        if "diffusers-compile" in result["baselines"]:
+            rows.append(("vqfast-compile", compiled, "diffusers-compile", result["baselines"]["diffusers-compile"]))
+    return rows
+
+
+def row_cells(ours_name: str, ours: dict, name: str, b: dict) -> list[str]:
+    """The vqfast, baseline, speed-up and peak-memory cells of one table row."""
+    mine = f"{ours['ms']:.1f} ms" if ours_name == "vqfast" else f"{ours_name} {ours['ms']:.1f} ms"
+    if "error" in b or "error" in ours:
+        return [mine if "error" not in ours else f"{ours_name}: {ours['error']}", f"{name}: {b.get('error', '')}", "", ""]
+    return [mine, f"{name} {b['ms']:.1f} ms", f"{b['ms'] / ours['ms']:.2f}x", f"{ours['peak_mib']:.0f} / {b['peak_mib']:.0f} MiB"]
 
 
 def environment(device: str) -> dict:
@@ -267,15 +294,8 @@ def table(env: dict, results: list[dict]) -> str:
     lines = ["| case | device | vqfast | baseline | speed-up | peak memory (vqfast / baseline) |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        ours = r["vqfast"]
-        for name, b in r["baselines"].items():
-            if "error" in b:
-                lines.append(f"| {r['label']} | {env['device_name']} | {ours['ms']:.1f} ms | {name}: {b['error']} | | |")
-                continue
-            lines.append(
-                f"| {r['label']} | {env['device_name']} | {ours['ms']:.1f} ms | {name} {b['ms']:.1f} ms | "
-                f"{b['ms'] / ours['ms']:.2f}x | {ours['peak_mib']:.0f} / {b['peak_mib']:.0f} MiB |"
-            )
+        for row in comparisons(r):
+            lines.append("| " + " | ".join([r["label"], env["device_name"], *row_cells(*row)]) + " |")
     return "\n".join(lines)
 
 
@@ -293,8 +313,13 @@ def run(args: argparse.Namespace) -> int:
                 entry["baselines"][name] = measure(other, args.repeat, args.warmup)
             except Exception as err:  # a baseline that fails (say, compile) is reported, not fatal
                 entry["baselines"][name] = {"error": str(err).splitlines()[0][:200]}
+        if args.compile:
+            try:
+                entry["vqfast-compile"] = measure(Case(**{**asdict(case), "impl": "vqfast-compile"}), args.repeat, args.warmup)
+            except Exception as err:
+                entry["vqfast-compile"] = {"error": str(err).splitlines()[0][:200]}
         results.append(entry)
-        print(table(env, [entry]).splitlines()[-1], flush=True)
+        print("\n".join(table(env, [entry]).splitlines()[2:]), flush=True)
     print()
     print(table(env, results))
     out_dir = Path(args.out)
@@ -324,7 +349,8 @@ def register(sub, name: str) -> None:
                    choices=["float32", "float16", "bfloat16"])
     p.add_argument("--layout", nargs="+", default=["nchw"], choices=["nchw", "channels_last"])
     p.add_argument("--device", default=default_device)
-    p.add_argument("--compile", action="store_true", help="add torch.compile(diffusers) as a baseline (GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="add torch.compile of diffusers as a baseline, and torch.compile of vqfast")
     p.add_argument("--repeat", type=int, default=10 if cuda else 3, help="timed runs per case (median)")
     p.add_argument("--warmup", type=int, default=3 if cuda else 1)
     p.add_argument("--out", default="bench/results", help="folder for the JSON (default bench/results)")
