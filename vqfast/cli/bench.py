@@ -178,9 +178,35 @@ def resident_peak_kib() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status: CPU peak memory needs Linux")
 
 
-def measure_here(case: Case, repeat: int, warmup: int) -> dict:
+def fma_peak_gflops(threads: int) -> float | None:
+    """This CPU's fp32 FMA peak in GFLOP/s on ``threads`` cores: threads x 2 FMA units x lanes
+    x 2 flops x clock, lanes 16 with avx512f, 8 with avx2/fma, 4 otherwise, clock the
+    reported "cpu MHz" of /proc/cpuinfo. A nominal figure: cores that split a 512-bit FMA in
+    two halves (AMD Zen 4) or lower their clock under AVX-512 reach less. None off Linux."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    mhz = next((float(line.split(":", 1)[1]) for line in info.splitlines() if line.startswith("cpu MHz")), None)
+    if mhz is None:
+        return None
+    lanes = 16 if "avx512f" in flags else 8 if "fma" in flags else 4
+    return threads * 2 * lanes * 2 * mhz / 1e3
+
+
+def search_flops(case: Case) -> float:
+    """Multiply-adds of a quantize case's distance ranking, as flops: N x K x D x 2."""
+    K, D = CODEBOOKS[case.name]
+    return case.batch * (case.size // 8) ** 2 * K * D * 2
+
+
+def measure_here(case: Case, repeat: int, warmup: int, threads: int | None = None) -> dict:
     """{"ms": median ms (None when repeat is 0), "runs_ms": [...], "peak_mib": memory one run
-    adds} in this process."""
+    adds, and for a CPU quantize case "gflops" achieved and "fma_peak_gflops"} in this process,
+    on ``threads`` CPU threads (None: torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
     run = build(case)
     cuda = case.device.startswith("cuda")
     if case.impl.endswith("-compile"):
@@ -200,17 +226,21 @@ def measure_here(case: Case, repeat: int, warmup: int) -> dict:
         t0 = time.perf_counter()
         run()
         times.append(1e3 * (time.perf_counter() - t0))
-    return {"ms": statistics.median(times) if times else None, "runs_ms": times, "peak_mib": peak}
+    out = {"ms": statistics.median(times) if times else None, "runs_ms": times, "peak_mib": peak}
+    if case.kind == "quantize" and not cuda and times:
+        out["gflops"] = search_flops(case) / (out["ms"] * 1e6)
+        out["fma_peak_gflops"] = fma_peak_gflops(torch.get_num_threads())
+    return out
 
 
-def measure(case: Case, repeat: int, warmup: int) -> dict:
+def measure(case: Case, repeat: int, warmup: int, threads: int | None = None) -> dict:
     """measure_here, in a fresh process on CPU (so that the resident high-water mark is this
     case's own) and in this one on CUDA."""
     if case.device.startswith("cuda"):
-        return measure_here(case, repeat, warmup)
+        return measure_here(case, repeat, warmup, threads)
     code = (
         "import json, sys; from vqfast.cli.bench import Case, measure_here; "
-        f"print(json.dumps(measure_here(Case(**{asdict(case)!r}), {repeat}, {warmup})))"
+        f"print(json.dumps(measure_here(Case(**{asdict(case)!r}), {repeat}, {warmup}, {threads!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
@@ -246,12 +276,14 @@ def comparisons(result: dict) -> list[tuple[str, dict, str, dict]]:
 def row_cells(ours_name: str, ours: dict, name: str, b: dict) -> list[str]:
     """The vqfast, baseline, speed-up and peak-memory cells of one table row."""
     mine = f"{ours['ms']:.1f} ms" if ours_name == "vqfast" else f"{ours_name} {ours['ms']:.1f} ms"
+    if ours.get("fma_peak_gflops") and "error" not in ours:
+        mine += f" ({ours['gflops']:.0f} GFLOP/s, {100 * ours['gflops'] / ours['fma_peak_gflops']:.1f}% of FMA peak)"
     if "error" in b or "error" in ours:
         return [mine if "error" not in ours else f"{ours_name}: {ours['error']}", f"{name}: {b.get('error', '')}", "", ""]
     return [mine, f"{name} {b['ms']:.1f} ms", f"{b['ms'] / ours['ms']:.2f}x", f"{ours['peak_mib']:.0f} / {b['peak_mib']:.0f} MiB"]
 
 
-def environment(device: str) -> dict:
+def environment(device: str, threads: int | None = None) -> dict:
     import vqfast
 
     versions = {"vqfast": vqfast.__version__, "torch": torch.__version__, "python": platform.python_version()}
@@ -261,19 +293,20 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
     else:
-        name = _cpu_name()
+        name = _cpu_name(threads)
     return {"device": device, "device_name": name, "versions": versions,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _cpu_name() -> str:
+def _cpu_name(threads: int | None = None) -> str:
+    threads = threads or torch.get_num_threads()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+                return f"{line.split(':', 1)[1].strip()}, {threads} thread{'s' if threads > 1 else ''}"
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
@@ -303,19 +336,24 @@ def run(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"vqfast bench: --device {args.device} needs CUDA, which this torch does not see", file=sys.stderr)
         return 2
-    env = environment(args.device)
+    if args.threads is not None and args.threads < 1:
+        print(f"vqfast bench: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+        return 2
+    env = environment(args.device, args.threads)
     results = []
     for case in cases(args):
-        entry = {"case": asdict(case), "label": case.label, "vqfast": measure(case, args.repeat, args.warmup), "baselines": {}}
+        entry = {"case": asdict(case), "label": case.label,
+                 "vqfast": measure(case, args.repeat, args.warmup, args.threads), "baselines": {}}
         for name in baselines(args.device, args.compile):
             other = Case(**{**asdict(case), "impl": name})
             try:
-                entry["baselines"][name] = measure(other, args.repeat, args.warmup)
+                entry["baselines"][name] = measure(other, args.repeat, args.warmup, args.threads)
             except Exception as err:  # a baseline that fails (say, compile) is reported, not fatal
                 entry["baselines"][name] = {"error": str(err).splitlines()[0][:200]}
         if args.compile:
             try:
-                entry["vqfast-compile"] = measure(Case(**{**asdict(case), "impl": "vqfast-compile"}), args.repeat, args.warmup)
+                compiled = Case(**{**asdict(case), "impl": "vqfast-compile"})
+                entry["vqfast-compile"] = measure(compiled, args.repeat, args.warmup, args.threads)
             except Exception as err:
                 entry["vqfast-compile"] = {"error": str(err).splitlines()[0][:200]}
         results.append(entry)
@@ -351,6 +389,9 @@ def register(sub, name: str) -> None:
     p.add_argument("--device", default=default_device)
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile of diffusers as a baseline, and torch.compile of vqfast")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for every case (default: torch's default); on a shared machine "
+                        "one thread per process is far less noisy than two")
     p.add_argument("--repeat", type=int, default=10 if cuda else 3, help="timed runs per case (median)")
     p.add_argument("--warmup", type=int, default=3 if cuda else 1)
     p.add_argument("--out", default="bench/results", help="folder for the JSON (default bench/results)")

@@ -49,7 +49,7 @@ def in_norm_layout(out: Tensor, x: Tensor) -> Tensor:
     return out if out.stride() == _norm_strides(x) else _new_like(x).copy_(out)
 
 
-def _centred(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def centred(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The centred codebook both search paths rank with, built once per codebook state."""
     return derived(reference.centred_codebook, codebook, reference.accumulator(z, codebook))
 
@@ -57,8 +57,8 @@ def _centred(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 @torch.library.custom_op("vqfast::nearest_code", mutates_args=())
 def nearest_code(z: Tensor, codebook: Tensor, dim: int, use_triton: bool) -> Tensor:
     if use_triton:
-        return _kernels().nearest_code(z, codebook, dim, write_zq=False, centred=_centred(z, codebook))[0]
-    return reference.nearest_code(z, codebook, dim, centred=_centred(z, codebook))
+        return _kernels().nearest_code(z, codebook, dim, write_zq=False, centred=centred(z, codebook))[0]
+    return reference.nearest_code(z, codebook, dim, centred=centred(z, codebook))
 
 
 @nearest_code.register_fake
@@ -66,18 +66,24 @@ def _(z, codebook, dim, use_triton):
     return z.new_empty(z.movedim(dim, -1).shape[:-1], dtype=torch.long)
 
 
-@torch.library.custom_op("vqfast::quantize", mutates_args=())
-def quantize(
+def quantize_impl(
     z: Tensor, codebook: Tensor, dim: int, z_weight: float, code_weight: float, use_triton: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(z_q, indices, loss): z_q the nearest codes laid out like z, loss
     (z_weight + code_weight) * mean((code - z)^2) in z's dtype."""
     if use_triton:
-        indices, z_q, sse = _kernels().nearest_code(z, codebook, dim, write_zq=True, centred=_centred(z, codebook))
+        indices, z_q, sse = _kernels().nearest_code(z, codebook, dim, write_zq=True, centred=centred(z, codebook))
     else:
-        indices, z_q, sse = reference.quantize(z, codebook, dim, centred=_centred(z, codebook))
+        indices, z_q, sse = reference.quantize(z, codebook, dim, centred=centred(z, codebook))
     loss = (sse * (z_weight + code_weight) / z.numel()).to(z.dtype)  # 0/0 = NaN for an empty z
     return z_q, indices, loss
+
+
+@torch.library.custom_op("vqfast::quantize", mutates_args=())
+def quantize(
+    z: Tensor, codebook: Tensor, dim: int, z_weight: float, code_weight: float, use_triton: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return quantize_impl(z, codebook, dim, z_weight, code_weight, use_triton)
 
 
 @quantize.register_fake
@@ -115,6 +121,23 @@ def _backward_quantize(ctx, grad_zq, grad_indices, grad_loss):
 
 
 quantize.register_autograd(_backward_quantize, setup_context=_setup_quantize)
+
+
+class EagerQuantize(torch.autograd.Function):
+    """The quantize op's eager path with the same formula for gradients, without the custom-op
+    dispatch: its first call would import torch._dynamo (about a second and 150 MiB), which a
+    CPU user who never compiles does not need. Under torch.compile the custom op is used."""
+
+    @staticmethod
+    def forward(ctx, z, codebook, dim, z_weight, code_weight):
+        output = quantize_impl(z, codebook, dim, z_weight, code_weight, False)
+        _setup_quantize(ctx, (z, codebook, dim, z_weight, code_weight, False), output)
+        ctx.mark_non_differentiable(output[1])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_zq, grad_indices, grad_loss):
+        return _backward_quantize(ctx, grad_zq, grad_indices, grad_loss)[:5]
 
 
 # ---------------------------------------------------------------- GroupNorm and SpatialNorm

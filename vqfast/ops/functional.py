@@ -5,8 +5,10 @@ The Triton path goes through torch.library custom ops (vqfast.ops.custom_ops), w
 torch.compile keeps as opaque calls. The eager path of the two norms calls the reference's
 PyTorch ops directly, with no custom-op boundary, so that torch.compile sees and fuses them
 (inductor turns GroupNorm + SpatialNorm's multiply-add + SiLU into one or two loops); their
-autograd is PyTorch's own. The codebook search stays a custom op on both paths: its loop over
-row tiles must not be unrolled into a graph.
+autograd is PyTorch's own. The codebook search is a custom op under torch.compile (its loop
+over row tiles must not be unrolled into a graph) and on the Triton path; in eager CPU mode it
+runs the reference directly (with the custom op's gradient formula), since a custom op's first
+call imports torch._dynamo.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, dim: int = 1) -> to
     all-NaN distances. No N x K distance matrix is ever held: extra memory is O(N).
     """
     dim = _check_codes(z, codebook, dim)
-    return custom_ops.nearest_code(z.detach(), codebook.detach(), dim, use_triton(z.device))
+    if use_triton(z.device) or torch.compiler.is_compiling():
+        return custom_ops.nearest_code(z.detach(), codebook.detach(), dim, use_triton(z.device))
+    return reference.nearest_code(z.detach(), codebook.detach(), dim, centred=custom_ops.centred(z, codebook))
 
 
 def quantize(
@@ -76,7 +80,9 @@ def quantize(
     """
     dim = _check_codes(z, codebook, dim)
     z_weight, code_weight = (1.0, float(beta)) if legacy else (float(beta), 1.0)
-    return custom_ops.quantize(z, codebook, dim, z_weight, code_weight, use_triton(z.device))
+    if use_triton(z.device) or torch.compiler.is_compiling():
+        return custom_ops.quantize(z, codebook, dim, z_weight, code_weight, use_triton(z.device))
+    return custom_ops.EagerQuantize.apply(z, codebook, dim, z_weight, code_weight)
 
 
 def _plain_ops(x: torch.Tensor) -> bool:
