@@ -28,10 +28,11 @@ def path(x, G):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", [(1, 8, 64, 72), (2, 16, 8, 16)])
+@pytest.mark.parametrize("shape", [(1, 8, 64, 72), (1, 8, 48, 48), (2, 16, 8, 16)])
 def test_specialised_paths_three_way(triton_backend, dtype, layout, shape):
-    """Full trips, a partial last trip and several splits per group (64 x 72: 4608 positions;
-    CG = 4, the group's slab 18432 elements), batch 1 and 2, with and without SiLU and affine."""
+    """Several splits per group with an odd number of full tiles (64 x 72: a group's slab of
+    18432 elements in programs of 3 tiles), pairs of tiles and a partial last one (48 x 48), and
+    a partial tile alone (8 x 16); batch 1 and 2, with and without SiLU and affine."""
     g = torch.Generator().manual_seed(shape[0] * 7 + shape[3])
     x = make(shape, dtype, g, mean=2.0, std=3.0, channels_last=layout == "channels_last")
     C, G = shape[1], shape[1] // 4
