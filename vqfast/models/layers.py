@@ -197,7 +197,13 @@ class Attention(nn.Module):
         q, k, v = (proj(h).view(B, H * W, 1, C).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
         h = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         h = self.to_out[1](self.to_out[0](h.transpose(1, 2).reshape(B, H * W, C)))
-        return h.transpose(1, 2).reshape(B, C, H, W) + residual
+        h = h.transpose(1, 2).reshape(B, C, H, W)  # channels_last strides
+        if getattr(self, "exact", False):
+            return h + residual  # diffusers' order: the sum, and every layer after it, channels_last
+        # A sum takes its first operand's layout: the residual's keeps an NCHW model NCHW, so its
+        # norms need no layout round trip (see reference._group_norm), and a channels_last one
+        # channels_last. Same values either way.
+        return residual + h
 
 
 class Downsample2D(nn.Module):
