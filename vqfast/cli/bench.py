@@ -210,7 +210,7 @@ def measure_here(case: Case, repeat: int, warmup: int, threads: int | None = Non
     run = build(case)
     cuda = case.device.startswith("cuda")
     if case.impl.endswith("-compile"):
-        run()  # compilation: neither the timed runs nor the peak memory of one call
+        run()  # compilation, outside the timed runs
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -226,6 +226,8 @@ def measure_here(case: Case, repeat: int, warmup: int, threads: int | None = Non
         t0 = time.perf_counter()
         run()
         times.append(1e3 * (time.perf_counter() - t0))
+    if case.impl.endswith("-compile") and not cuda:
+        peak = None  # compilation already set this process's high-water mark (see _mib)
     out = {"ms": statistics.median(times) if times else None, "runs_ms": times, "peak_mib": peak}
     if case.kind == "quantize" and not cuda and times:
         out["gflops"] = search_flops(case) / (out["ms"] * 1e6)
@@ -280,7 +282,15 @@ def row_cells(ours_name: str, ours: dict, name: str, b: dict) -> list[str]:
         mine += f" ({ours['gflops']:.0f} GFLOP/s, {100 * ours['gflops'] / ours['fma_peak_gflops']:.1f}% of FMA peak)"
     if "error" in b or "error" in ours:
         return [mine if "error" not in ours else f"{ours_name}: {ours['error']}", f"{name}: {b.get('error', '')}", "", ""]
-    return [mine, f"{name} {b['ms']:.1f} ms", f"{b['ms'] / ours['ms']:.2f}x", f"{ours['peak_mib']:.0f} / {b['peak_mib']:.0f} MiB"]
+    return [mine, f"{name} {b['ms']:.1f} ms", f"{b['ms'] / ours['ms']:.2f}x", f"{_mib(ours_name, ours)} / {_mib(name, b)}"]
+
+
+def _mib(name: str, result: dict) -> str:
+    # A compiled callable's first call (compilation) sets the process's high-water mark, so the
+    # memory one later call adds cannot be read from it on CPU.
+    if name.endswith("-compile") or result.get("peak_mib") is None:
+        return "n/a"
+    return f"{result['peak_mib']:.0f} MiB"
 
 
 def environment(device: str, threads: int | None = None) -> dict:
