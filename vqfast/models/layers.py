@@ -198,11 +198,14 @@ class Attention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         h = self.to_out[1](self.to_out[0](h.transpose(1, 2).reshape(B, H * W, C)))
         h = h.transpose(1, 2).reshape(B, C, H, W)  # channels_last strides
-        if getattr(self, "exact", False):
-            return h + residual  # diffusers' order: the sum, and every layer after it, channels_last
-        # A sum takes its first operand's layout: the residual's keeps an NCHW model NCHW, so its
-        # norms need no layout round trip (see reference._group_norm), and a channels_last one
-        # channels_last. Same values either way.
+        # A sum takes its first operand's layout. diffusers' order (h first) makes the sum, and
+        # every layer after it, channels_last: what exact mode keeps, and what inductor runs
+        # fastest (it fuses the norms in any layout; the MoVQ decode compiled took 2.39 s this
+        # way, 2.69 s NCHW, on one AMD EPYC thread). Eagerly, the residual first keeps an NCHW
+        # model NCHW, so its norms need no layout round trip (reference._group_norm): 2.56 s
+        # against 2.98 s. Same values either way.
+        if getattr(self, "exact", False) or torch.compiler.is_compiling():
+            return h + residual
         return residual + h
 
 
