@@ -1,6 +1,6 @@
 """Whole-model encode and decode at the real checkpoints' configs (Kandinsky 2.2 MoVQ, aMUSEd,
-LDM-f4): vqfast against diffusers eager and, on GPU, vqfast's eager path and torch.compile of
-diffusers, with peak memory.
+LDM-f4): vqfast and torch.compile of vqfast against diffusers eager, torch.compile of diffusers
+and, on GPU, vqfast's eager path, with peak memory.
 
 The grid is batch {1, 8} x resolution {256, 512} x dtype {fp32, fp16, bf16}. On CPU only the
 batch-1, 256x256, fp32 cases run (a 512x512 batch-8 MoVQ decode takes minutes here); the rest
@@ -22,7 +22,7 @@ def _skip_reason(batch, size, dtype):
     return None
 
 
-@pytest.mark.parametrize("impl", ["vqfast", *baselines(DEV, compile_baseline=True)])
+@pytest.mark.parametrize("impl", ["vqfast", "vqfast-compile", *baselines(DEV, compile_baseline=True)])
 @pytest.mark.parametrize("batch, size, dtype", GRID, ids=lambda v: str(v))
 @pytest.mark.parametrize("kind", ["decode", "encode"])
 @pytest.mark.parametrize("model", sorted(MODELS))
