@@ -566,7 +566,11 @@ def run(args: argparse.Namespace) -> int:
     ranks = None
     try:
         ranks = sharding.start(args.device)
-        return (run_encode if args.command == "encode" else run_decode)(args, ranks)
+        status = (run_encode if args.command == "encode" else run_decode)(args, ranks)
+        # Leave together: a rank that tears its process group down while rank 0 is still merging
+        # was seen to abort in gloo's teardown ("terminate called without an active exception").
+        sharding.barrier(ranks)
+        return status
     finally:
         if ranks is not None:
             sharding.stop(ranks)
