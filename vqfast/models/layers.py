@@ -81,6 +81,15 @@ def spatial_maps(norm: nn.Module, zq: torch.Tensor, like: torch.Tensor) -> tuple
     folded = derived(spatial_map_weights, cy.weight, cy.bias, cb.weight, cb.bias, n.weight, n.bias)
     B, Z, h, w = zq.shape
     C = folded[1].shape[0]
+    if torch.compiler.is_compiling():
+        # As 1x1 convolutions, which inductor lays out with the decoder's other convolutions
+        # (channels_last on CPU). A product's fixed NCHW output would meet channels_last
+        # activations in the fused norm loop: a transposing loop, which in bfloat16 GCC 12
+        # miscompiles (see reference._group_norm).
+        return tuple(
+            F.conv2d(zq, matrix.t().to(zq.dtype).reshape(C, Z, 1, 1), offset.to(zq.dtype))
+            for matrix, offset in (folded[:2], folded[2:])
+        )
     channels_last = _memory_format(like) == torch.channels_last
     maps = []
     for matrix, offset in (folded[:2], folded[2:]):  # (Z, C), (C,)
