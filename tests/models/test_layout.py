@@ -71,12 +71,38 @@ def test_channels_last_model_stays_channels_last(use_backend, backend, name):
     assert all(math.prod(shape) == latent_size for _, shape in copies), copies
 
 
+def test_cpu_eager_runs_channels_last_inside_and_returns_the_input_layout(use_backend):
+    """On the CPU's eager path an NCHW call runs its convolutions channels_last (oneDNN's fast
+    layout) and hands back NCHW images and latents; ``exact`` keeps diffusers' NCHW convolutions."""
+    use_backend("eager")
+    theirs, ours = make_pair("movq")
+    x = images(2, 16)
+    with torch.no_grad():
+        with OpRecorder() as rec:
+            latents = ours.encode(x).latents
+            out = ours.decode(latents).sample
+        ref = theirs.decode(theirs.encode(x).latents).sample
+        ours.exact = True
+        with OpRecorder() as exact_rec:
+            ours.decode(latents)
+    assert latents.is_contiguous() and out.is_contiguous() and rel_err(out, ref) < 1e-5
+    # (the latent-sized 1x1 quant_conv and post_quant_conv run outside the towers, in NCHW)
+    convs = [t for func, outs in rec.ops if "convolution" in str(func) for t in outs if t.shape[1] > 4]
+    assert convs and all(t.is_contiguous(memory_format=CL) for t in convs)
+    exact_convs = [t for func, outs in exact_rec.ops if "convolution" in str(func) for t in outs if t.shape[1] > 4]
+    assert exact_convs and not any(t.is_contiguous(memory_format=CL) and not t.is_contiguous() for t in exact_convs[:3])
+
+
 def test_channels_last_group_norm_does_not_cancel():
-    """PyTorch's CPU GroupNorm for channels_last takes E[x^2] - E[x]^2; ours must not."""
-    x = (3 + 0.01 * torch.randn(1, 64, 32, 32, generator=torch.Generator().manual_seed(0))).to(memory_format=CL)
-    ref = F.group_norm(x.double(), 16, eps=1e-6)
-    out = reference.group_norm(x, 16, None, None, 1e-6, silu=False)
-    assert (out.double() - ref).abs().max() < 1e-3  # fp32 rounding of a group with std 0.01
+    """PyTorch's CPU GroupNorm for channels_last takes E[x^2] - E[x]^2; ours (shifted by each
+    group's sampled mean first) must not cancel, at mean 3 or 300."""
+    for mean, std, size in ((3, 0.01, 32), (300, 0.1, 33), (300, 0.1, 200)):  # 200: a sampled grid
+        g = torch.Generator().manual_seed(0)
+        x = (mean + std * torch.randn(1, 64, size, size, generator=g)).to(memory_format=CL)
+        ref = F.group_norm(x.double(), 16, eps=1e-6)
+        out = reference.group_norm(x, 16, None, None, 1e-6, silu=False)
+        assert out.is_contiguous(memory_format=CL)
+        assert (out.double() - ref).abs().max() < 1e-4  # the NCHW kernel: 3.6e-4 at mean 300
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import Attention, Downsample2D, ResnetBlock2D, SpatialNorm, Upsample2D, norm_act
+from .layers import Attention, Downsample2D, ResnetBlock2D, SpatialNorm, Upsample2D, conv, memory_format_of, norm_act, runs_channels_last
 
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 UP_BLOCK_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -138,12 +138,16 @@ class Encoder(_Checkpointed):
         self.conv_out = nn.Conv2d(top, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
+        layout, inside_cl = memory_format_of(x), runs_channels_last(self, x)
+        if inside_cl:  # and back to the input's layout at the end
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = conv(self.conv_in, x)
         for block in self.down_blocks:
             x = self._run(block, x)
         x = self._run(self.mid_block, x)
         x = norm_act(self.conv_norm_out, x, None, self.conv_act)
-        return self.conv_out(x)
+        out = conv(self.conv_out, x)
+        return out.contiguous(memory_format=layout) if inside_cl else out
 
 
 class Decoder(_Checkpointed):
@@ -186,9 +190,13 @@ class Decoder(_Checkpointed):
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.conv_in(x)
+        layout, inside_cl = memory_format_of(x), runs_channels_last(self, x)
+        if inside_cl:  # and back to the input's layout at the end
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = conv(self.conv_in, x)
         x = self._run(self.mid_block, x, zq)
         for block in self.up_blocks:
             x = self._run(block, x, zq)
         x = norm_act(self.conv_norm_out, x, zq, self.conv_act)
-        return self.conv_out(x)
+        out = conv(self.conv_out, x)
+        return out.contiguous(memory_format=layout) if inside_cl else out

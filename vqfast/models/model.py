@@ -23,7 +23,7 @@ from .outputs import DecoderOutput, VQEncoderOutput
 from .quantizer import VectorQuantizer
 
 #: The modules VQModel.exact switches (a plain attribute: the state dict does not change).
-_EXACT_SWITCHED = (Upsample2D, SpatialNorm, Attention, nn.GroupNorm)
+_EXACT_SWITCHED = (Upsample2D, SpatialNorm, Attention, nn.GroupNorm, Encoder, Decoder)
 
 NORM_TYPES = ("group", "spatial")
 

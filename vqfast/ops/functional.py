@@ -87,12 +87,8 @@ def quantize(
 
 def _plain_ops(x: torch.Tensor) -> bool:
     """Whether a norm runs as plain PyTorch ops (the eager path, visible to torch.compile)
-    rather than through its custom op. Eager mode keeps the custom op for channels_last x: the
-    reference normalises those in NCHW order (see reference._group_norm), and the op boundary
-    keeps that round trip inside one op, whose output is channels_last like its input."""
-    if use_triton(x.device):
-        return False
-    return torch.compiler.is_compiling() or custom_ops.norm_layout(x) != torch.channels_last
+    rather than through its custom op (the Triton path)."""
+    return not use_triton(x.device)
 
 
 def _check_norm(x: torch.Tensor, num_groups: int, name: str) -> None:
