@@ -127,10 +127,9 @@ def test_triton_path_keeps_its_custom_ops():
 
 
 def test_compiled_channels_last_norms_stay_accurate():
-    """Under torch.compile a channels_last GroupNorm / SpatialNorm keeps its layout (no NCHW round
-    trip; see reference._group_norm): inductor's own statistics must then be as accurate as the
-    eager path's on data where E[x^2] - E[x]^2 cancels (mean 300, std 0.1), and stay
-    channels_last."""
+    """A channels_last GroupNorm / SpatialNorm compiled by inductor, on data where E[x^2] - E[x]^2
+    cancels (mean 300, std 0.1): the three-way rule against PyTorch's own float32 NCHW kernel,
+    the output channels_last; and the eager path (shifted statistics) as its canary."""
     from vqfast import functional as vf
 
     g = torch.Generator().manual_seed(3)
@@ -149,6 +148,6 @@ def test_compiled_channels_last_norms_stay_accurate():
         with torch.no_grad():
             out = torch.compile(op)(x32, s32, t32)
         assert out.is_contiguous(memory_format=torch.channels_last), name
-        eager_err = (eager.double() - ref).abs().max().item()
-        assert eager_err < 1e-2, name  # the eager path's canary: E[x^2] - E[x]^2 would be off by O(1)
-        assert (out.double() - ref).abs().max().item() <= 2 * eager_err + 1e-5 * ref.abs().max().item(), name
+        assert (eager.double() - ref).abs().max().item() < 1e-4, name  # cancellation: off by O(1)
+        torch_err = (ref_fn(x32.contiguous(), s32.contiguous(), t32.contiguous()).double() - ref).abs().max().item()
+        assert (out.double() - ref).abs().max().item() <= 2 * torch_err + 1e-5 * ref.abs().max().item(), name

@@ -175,11 +175,16 @@ def _channels_last(w: torch.Tensor) -> torch.Tensor:
     return w.contiguous(memory_format=torch.channels_last)
 
 
+def _eager_cpu_channels_last(x: torch.Tensor) -> bool:
+    # (under torch.compile inductor lays weights out itself)
+    return x.device.type == "cpu" and memory_format_of(x) == torch.channels_last and not torch.compiler.is_compiling()
+
+
 def conv(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``. A channels_last x on the CPU meets channels_last weights, built once per
     weight state (vqfast.ops.derived): with NCHW weights oneDNN reorders them, and copies its
     output, on every call (19 ms of a 81 ms 128-channel 256x256 convolution here)."""
-    if x.device.type != "cpu" or memory_format_of(x) != torch.channels_last or type(module) is not nn.Conv2d:
+    if not _eager_cpu_channels_last(x) or type(module) is not nn.Conv2d:
         return module(x)
     return module._conv_forward(x, derived(_channels_last, module.weight), module.bias)
 
@@ -289,6 +294,6 @@ class Upsample2D(nn.Module):
         if getattr(self, "exact", False):  # diffusers' own module, patched, has no flag
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         weight = derived(upsample_conv_weights, self.conv.weight)
-        if x.device.type == "cpu" and memory_format_of(x) == torch.channels_last:
+        if _eager_cpu_channels_last(x):
             weight = derived(_channels_last, weight)  # as in conv(): no reorder per call
         return F.conv_transpose2d(x, weight, self.conv.bias, stride=2, padding=1)

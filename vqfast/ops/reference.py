@@ -103,19 +103,18 @@ def quantize(
 
 
 def _group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float) -> torch.Tensor:
-    """F.group_norm, computed in NCHW order. PyTorch's CPU kernel for channels_last inputs takes
+    """F.group_norm without cancellation. PyTorch's CPU kernel for channels_last inputs takes
     the variance as E[x^2] - E[x]^2, which cancels: for a group of mean 3 and std 0.01 its
-    output was off by 1.6 where the NCHW kernel's was off by 3e-5. ops puts the result back
-    in x's layout.
+    output was off by 1.6 where the NCHW kernel's was off by 3e-5.
 
-    Under torch.compile x keeps its layout: inductor lowers the norm to its own centred
-    statistics in any layout, and the round trip would be two transposing loops, whose bfloat16
-    form (PyTorch's AVX-512 transpose_mxn<BFloat16>, as GCC 12's -O3 SLP vectoriser compiles it
-    inside inductor's kernels) leaves most of each 32x32 tile unwritten: NaN out of the
-    compiled bf16 decode."""
+    On the eager path a channels_last x stays channels_last (the layout the CPU path runs its
+    convolutions in): each group is first shifted by its sampled mean (_group_shift), which leaves
+    nothing to cancel. Under torch.compile it takes the NCHW round trip, which inductor fuses.
+    (Inductor's bf16 transposes are where GCC 12 miscompiled its kernels: see
+    layers.spatial_maps.)"""
     channels_last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    if channels_last and not torch.compiler.is_compiling():
-        x = x - _group_shift(x, num_groups)
+    if channels_last:
+        x = x.contiguous() if torch.compiler.is_compiling() else x - _group_shift(x, num_groups)
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 
