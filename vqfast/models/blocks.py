@@ -98,6 +98,19 @@ class _Checkpointed(nn.Module):
             return self._gradient_checkpointing_func(block, *args)
         return block(*args)
 
+    def _tower(self, x: torch.Tensor, zq: torch.Tensor | None, blocks) -> torch.Tensor:
+        """conv_in, the blocks, the output norm and conv_out; channels_last inside where
+        runs_channels_last says so, handing back x's layout."""
+        layout, inside_cl = memory_format_of(x), runs_channels_last(self, x)
+        if inside_cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = conv(self.conv_in, x)
+        for block in blocks:
+            x = self._run(block, x) if zq is None else self._run(block, x, zq)
+        x = norm_act(self.conv_norm_out, x, zq, self.conv_act)
+        out = conv(self.conv_out, x)
+        return out.contiguous(memory_format=layout) if inside_cl else out
+
 
 def _check_types(kind: str, given, allowed: tuple[str, ...]) -> None:
     for t in given:
@@ -138,16 +151,7 @@ class Encoder(_Checkpointed):
         self.conv_out = nn.Conv2d(top, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layout, inside_cl = memory_format_of(x), runs_channels_last(self, x)
-        if inside_cl:  # and back to the input's layout at the end
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = conv(self.conv_in, x)
-        for block in self.down_blocks:
-            x = self._run(block, x)
-        x = self._run(self.mid_block, x)
-        x = norm_act(self.conv_norm_out, x, None, self.conv_act)
-        out = conv(self.conv_out, x)
-        return out.contiguous(memory_format=layout) if inside_cl else out
+        return self._tower(x, None, [*self.down_blocks, self.mid_block])
 
 
 class Decoder(_Checkpointed):
@@ -190,13 +194,4 @@ class Decoder(_Checkpointed):
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        layout, inside_cl = memory_format_of(x), runs_channels_last(self, x)
-        if inside_cl:  # and back to the input's layout at the end
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = conv(self.conv_in, x)
-        x = self._run(self.mid_block, x, zq)
-        for block in self.up_blocks:
-            x = self._run(block, x, zq)
-        x = norm_act(self.conv_norm_out, x, zq, self.conv_act)
-        out = conv(self.conv_out, x)
-        return out.contiguous(memory_format=layout) if inside_cl else out
+        return self._tower(x, zq, [self.mid_block, *self.up_blocks])

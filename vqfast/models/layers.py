@@ -83,9 +83,11 @@ def spatial_maps(norm: nn.Module, zq: torch.Tensor, like: torch.Tensor) -> tuple
     C = folded[1].shape[0]
     if torch.compiler.is_compiling():
         # As 1x1 convolutions, which inductor lays out with the decoder's other convolutions
-        # (channels_last on CPU). A product's fixed NCHW output would meet channels_last
-        # activations in the fused norm loop: a transposing loop, which in bfloat16 GCC 12
-        # miscompiles (see reference._group_norm).
+        # (channels_last on CPU). A product's fixed NCHW output would meet those channels_last
+        # activations in the fused norm loop, which then transposes tiles with PyTorch's AVX-512
+        # transpose_mxn<BFloat16>; GCC 12's -O3 SLP vectoriser compiles that, inlined into an
+        # inductor kernel, into code that leaves most of each 32x32 tile unwritten: the
+        # compiled bf16 decode came out all NaN (-O2 or -fno-tree-slp-vectorize compile it right).
         return tuple(
             F.conv2d(zq, matrix.t().to(zq.dtype).reshape(C, Z, 1, 1), offset.to(zq.dtype))
             for matrix, offset in (folded[:2], folded[2:])
@@ -182,8 +184,8 @@ def _eager_cpu_channels_last(x: torch.Tensor) -> bool:
 
 def conv(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``. A channels_last x on the CPU meets channels_last weights, built once per
-    weight state (vqfast.ops.derived): with NCHW weights oneDNN reorders them, and copies its
-    output, on every call (19 ms of a 81 ms 128-channel 256x256 convolution here)."""
+    weight state (vqfast.ops.derived): with NCHW weights oneDNN reorders them and copies its
+    output on every call (a 19 ms copy beside an 81 ms 128-channel 256x256 convolution here)."""
     if not _eager_cpu_channels_last(x) or type(module) is not nn.Conv2d:
         return module(x)
     return module._conv_forward(x, derived(_channels_last, module.weight), module.bias)
