@@ -1,0 +1,71 @@
+"""MoVQ encode or decode (256x256, batch 1, fp32) by vqfast, compiled vqfast, diffusers and compiled
+diffusers, alternating in one process: the four see the same machine state in every round, which
+separate processes (``vqfast bench``) do not on a shared CPU.
+
+    python bench/side_by_side.py decode --rounds 5     # writes bench/results/side-by-side-<date>-decode.json
+
+Prints each variant's error against diffusers and its median time, and the ratios; the JSON keeps
+every run's time with the machine, versions and date.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import diffusers
+import torch
+
+import vqfast
+from vqfast.cli.bench import environment, real_config
+
+PAIRS = [("vqfast", "diffusers"), ("vqfast", "diffusers-compile"), ("vqfast-compile", "vqfast"),
+         ("vqfast-compile", "diffusers-compile")]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=["encode", "decode"])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    cfg = real_config("movq")
+    ours = vqfast.VQModel(**cfg).eval()
+    theirs = diffusers.VQModel(**cfg).eval()
+    theirs.load_state_dict(ours.state_dict())
+    h, x = torch.randn(1, 4, 32, 32), torch.rand(1, 3, 256, 256) * 2 - 1
+    if args.kind == "decode":
+        call = lambda m: lambda: m.decode(h, force_not_quantize=True).sample  # noqa: E731
+    else:
+        call = lambda m: lambda: m.encode(x).latents  # noqa: E731
+    fns = {"vqfast": call(ours), "vqfast-compile": torch.compile(call(ours)),
+           "diffusers": call(theirs), "diffusers-compile": torch.compile(call(theirs))}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        outs = {k: f() for k, f in fns.items()}  # compiles the compiled two
+        ref = outs["diffusers"]
+        errors = {k: ((o - ref).abs().max() / ref.abs().max()).item() for k, o in outs.items()}
+        for _ in range(args.rounds):
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    for k in fns:
+        runs = " ".join(f"{t:.2f}" for t in times[k])
+        print(f"{args.kind} {k}: {median[k]:.3f} s (runs {runs}), error vs diffusers {errors[k]:.1e}")
+    ratios = {f"{a} vs {b}": median[b] / median[a] for a, b in PAIRS}
+    for name, r in ratios.items():
+        print(f"{args.kind} {name}: {r:.2f}x")
+    env = environment("cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"side-by-side-{env['date'][:10]}-{args.kind}.json"
+    path.write_text(json.dumps({**env, "kind": args.kind, "case": "movq batch 1 256x256 float32",
+                                "times_s": times, "errors_vs_diffusers": errors, "ratios": ratios}, indent=1))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
