@@ -73,6 +73,7 @@ def _small_d_tile(best, best_k, k0, K, code_ptrs, norm_ptrs, offs_k, z0, z1, z2,
 @triton.jit
 def nearest_code_kernel(
     z_ptr, book_ptr, centred_ptr, norms_ptr, mu_ptr,  # inputs
+    zc_ptr,  # D > SMALL_D: -2 (z - mu) in the accumulator dtype, (N, D) contiguous (else unused)
     idx_ptr, zq_ptr, sse_ptr,  # outputs: indices (N,), z_q (z's strides), squared error per program
     N, K, R1, R2,  # rows, codes, and the sizes of row dims 1 and 2 (rows = R0 x R1 x R2)
     sz0, sz1, sz2, szd,  # z strides: the three row dims, then the code dim
@@ -130,12 +131,14 @@ def nearest_code_kernel(
             best, best_k = _small_d_tile(best, best_k, k_full, K, code_ptrs, norm_ptrs, offs_k,
                                          z0, z1, z2, z3, z4, z5, z6, z7, D, True)
     else:
+        # z centred and scaled by the launcher (-2 (z - mu), rows of D contiguous): the tiles
+        # go to the product as loaded, with no per-tile centring and full-width loads.
+        zc_rows = zc_ptr + rows.to(tl.int64)[:, None] * D
         # Rows holding a NaN, found once (not per tile).
         nans = tl.zeros([BLOCK_N], tl.int32)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
-            zt = tl.load(z_ptr + z_row[:, None] + ds[None, :].to(tl.int64) * szd,
-                         mask=row_ok[:, None] & (ds < D)[None, :], other=0.0)
+            zt = tl.load(zc_rows + ds[None, :], mask=row_ok[:, None] & (ds < D)[None, :], other=0.0)
             nans += tl.sum((zt != zt).to(tl.int32), axis=1)
         row_nan = nans > 0
         for k0 in range(0, K, BLOCK_K):
@@ -145,9 +148,7 @@ def nearest_code_kernel(
             for d0 in range(0, D, BLOCK_D):
                 ds = d0 + tl.arange(0, BLOCK_D)
                 d_ok = ds < D
-                zt = tl.load(z_ptr + z_row[:, None] + ds[None, :].to(tl.int64) * szd,
-                             mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
-                zt = (zt - tl.load(mu_ptr + ds, mask=d_ok, other=0.0)[None, :]) * -2.0
+                zt = tl.load(zc_rows + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 et = tl.load(tile_ptr + offs_k[:, None] * D + ds[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
                 if PATH == 1:
                     acc = tl.dot(zt, tl.trans(et), acc, input_precision="ieee")
@@ -200,9 +201,9 @@ def launch_config(D: int, K: int, acc: torch.dtype, arch: int = 90) -> dict:
         cfg = dict(BLOCK_N=32, BLOCK_K=min(block_k, max(16, triton.next_power_of_2(K))),
                    BLOCK_D=triton.next_power_of_2(D), PATH=0, num_warps=4)
     elif acc == torch.float32:
-        # The whole of D <= 64 in one tl.dot per tile (no inner loop) where the registers allow
+        # 64-wide slices of D (all of D <= 64 in one tl.dot per tile) where the registers allow
         # (sm_90; sm_80 spills with wider slices); otherwise 16-wide slices.
-        block_d = triton.next_power_of_2(D) if D <= 64 and arch >= 90 else 16
+        block_d = min(64, triton.next_power_of_2(D)) if arch >= 90 else 16
         # Under the interpreter tl.dot is numpy's matmul, whose rounding depends on a column's
         # position (BLAS micro-kernels), so equal codes in different tiles could rank apart
         # there; it takes the same tiles with PATH 2's product, summed alike for every column.
@@ -235,7 +236,7 @@ def compile_spec(z_dtype: torch.dtype, book_dtype: torch.dtype, D: int, K: int, 
     num_warps = cfg.pop("num_warps")
     signature = {
         "z_ptr": z_dtype, "book_ptr": book_dtype, "centred_ptr": acc,
-        "norms_ptr": acc, "mu_ptr": acc, "idx_ptr": torch.int64,
+        "norms_ptr": acc, "mu_ptr": acc, "zc_ptr": acc, "idx_ptr": torch.int64,
         "zq_ptr": z_dtype, "sse_ptr": acc,
         **{name: "i32" for name in ("N", "K", "R1", "R2", "sz0", "sz1", "sz2", "szd",
                                     "sq0", "sq1", "sq2", "sqd", "sbk", "sbd")},
@@ -296,8 +297,11 @@ def nearest_code(
     cfg = launch_config(D, K, acc, device_arch(z.device))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
     partial = torch.empty(grid[0], dtype=acc, device=z.device)
+    # D > SMALL_D: z centred once here (the same fp32 or fp64 operations as in the kernel),
+    # O(N D) extra memory; the small-D path holds its z columns in registers instead.
+    zc = ((zm.to(acc) - mu) * -2.0).reshape(N, D) if D > SMALL_D else mu
     nearest_code_kernel[grid](
-        zm, codebook, centred, norms, mu,
+        zm, codebook, centred, norms, mu, zc,
         indices, qm, partial,
         N, K, sizes[1], sizes[2],
         *zs, zm.stride(-1), *qs, qm.stride(-1),

@@ -12,6 +12,9 @@ Three paths, chosen by the launcher (layout_path):
   slab_spatial_apply_kernel walks rows, gathering SpatialNorm's scale and shift.
 - "channels_last": a group is CG contiguous channels at every pixel; pixel_*_kernel do the same
   over [pixels, CG] tiles.
+SpatialNorm's apply kernels compute each row's and column's source under PyTorch's nearest rule
+(no index loads) and gather its scale and shift as one int64 holding the fp32 pair
+(spatial_pairs): one 64-bit load per element on NCHW, CG pairs in 128-bit runs on channels_last.
 - "strided", any other view (sliced, misaligned, odd group width): group_stats_kernel and
   group_apply_kernel read x through its strides (64-bit offsets), exact but slower.
 The vector paths pass sizes as multiples of constexprs so that the compiler can prove 16-byte
@@ -23,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -157,6 +161,18 @@ def _rcp(x):
 
 
 @triton.jit
+def _f32(x):
+    """x in fp32. bf16 pairs unpack at one instruction per value (the low half shifted up, the
+    high half masked) where the compiler's conversion spends 1.5 (a byte permute, then a shift)."""
+    if _PTX and x.dtype == tl.bfloat16:
+        r = tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                      dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        r = x.to(tl.float32)
+    return r
+
+
+@triton.jit
 def _silu(y, HALF: tl.constexpr):
     """y * sigmoid(y). fp32 output: y / (1 + 2^(-y log2 e)) with the hardware's exp2 and
     reciprocal (a few ulp; below -88 it gives -0.0, the limit). fp16/bf16 output (HALF): h + h *
@@ -196,12 +212,12 @@ def slab_stats_kernel(
     m2 = tl.zeros([BLOCK], tl.float32)
     full = length // BLOCK
     for t in range(full // 2):
-        a = tl.load(base + (2 * t) * BLOCK + offs).to(tl.float32)
-        b = tl.load(base + (2 * t + 1) * BLOCK + offs).to(tl.float32)
+        a = _f32(tl.load(base + (2 * t) * BLOCK + offs))
+        b = _f32(tl.load(base + (2 * t + 1) * BLOCK + offs))
         mean, m2 = _pair_step(mean, m2, a, b, t)
     m2 = m2 * 0.5
     if full % 2 == 1:
-        mean, m2 = _slot_step(mean, m2, tl.load(base + (full - 1) * BLOCK + offs).to(tl.float32), _rcp(full + 0.0))
+        mean, m2 = _slot_step(mean, m2, _f32(tl.load(base + (full - 1) * BLOCK + offs)), _rcp(full + 0.0))
     ok = offs < length - full * BLOCK
     x = tl.load(base + full * BLOCK + offs, mask=ok, other=0.0).to(tl.float32)
     _store_partial(part_ptr, bg, s, S, full, ok, x, mean, m2)
@@ -230,12 +246,12 @@ def pixel_stats_kernel(
     m2 = tl.zeros([BLOCK_P, CG], tl.float32)
     full = length // BLOCK_P
     for t in range(full // 2):
-        a = tl.load(base + (2 * t) * (BLOCK_P * C) + tile).to(tl.float32)  # < P * C < 2^31
-        b = tl.load(base + (2 * t + 1) * (BLOCK_P * C) + tile).to(tl.float32)
+        a = _f32(tl.load(base + (2 * t) * (BLOCK_P * C) + tile))  # < P * C < 2^31
+        b = _f32(tl.load(base + (2 * t + 1) * (BLOCK_P * C) + tile))
         mean, m2 = _pair_step(mean, m2, a, b, t)
     m2 = m2 * 0.5
     if full % 2 == 1:
-        x = tl.load(base + (full - 1) * (BLOCK_P * C) + tile).to(tl.float32)
+        x = _f32(tl.load(base + (full - 1) * (BLOCK_P * C) + tile))
         mean, m2 = _slot_step(mean, m2, x, _rcp(full + 0.0))
     ok = (pix < length - full * BLOCK_P)[:, None] & (ch < CG)[None, :]
     x = tl.load(base + full * (BLOCK_P * C) + tile, mask=ok, other=0.0).to(tl.float32)
@@ -283,50 +299,135 @@ def slab_apply_kernel(
 
 
 @triton.jit
+def _group_channels(part_ptr, w_ptr, b_ptr, bg, G, S, eps, CG: tl.constexpr, BLOCK_S: tl.constexpr,
+                    AFFINE: tl.constexpr):
+    """For group bg of a channels_last apply: its batch index (64-bit), first channel, channel
+    offsets [CG], and per channel the scale rstd w and shift b - mean rstd w of y = x a + shift."""
+    mean, rstd = _group_moments(part_ptr, bg, S, eps, BLOCK_S)
+    c0 = (bg % G) * CG
+    ch = tl.arange(0, CG)
+    a = tl.zeros([CG], tl.float32) + rstd
+    shift = tl.zeros([CG], tl.float32) - mean * rstd
+    if AFFINE:
+        a = rstd * tl.load(w_ptr + c0 + ch).to(tl.float32)
+        shift = tl.load(b_ptr + c0 + ch).to(tl.float32) - mean * a
+    return (bg // G).to(tl.int64), c0, ch, a, shift
+
+
+@triton.jit
+def _nearest(dst, ratio, n_src):
+    """Source index of output positions dst (fp32, exact integers below 2^24) under
+    F.interpolate(mode="nearest"), PyTorch's own arithmetic: min(floor(dst * ratio), n_src - 1)
+    in fp32, ratio = fp32(n_src) / n_dst. Computed, not loaded: no index table in the hot loop."""
+    return tl.minimum(tl.floor(dst * ratio).to(tl.int32), n_src - 1)
+
+
+@triton.jit
+def _unpair(v):
+    """SpatialNorm's (scale, shift) from one int64 holding the fp32 pair (scale in the low half):
+    one 64-bit gather per element instead of two scalar ones."""
+    return v.to(tl.int32).to(tl.float32, bitcast=True), (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _spatial_tile(xs, ys, pairs, m, a, shift0, SILU: tl.constexpr):
+    """y = (x a + shift0) scale + shift (+ SiLU) on one tile; the pairs' pointers are always in
+    bounds (clamped source indices), x and y masked by m (None on full tiles)."""
+    scale, shift = _unpair(tl.load(pairs))
+    y = (tl.load(xs, mask=m).to(tl.float32) * a + shift0) * scale + shift
+    if SILU:
+        y = _silu(y, ys.dtype.element_ty != tl.float32)
+    tl.store(ys, y.to(ys.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def slab_spatial_apply_kernel(
-    x_ptr, y_ptr, part_ptr, w_ptr, b_ptr,  # x, y contiguous NCHW
-    scale_ptr, shift_ptr, src_h_ptr, src_w_ptr,  # (B, C, h, w) maps (same strides), nearest index maps
+    x_ptr, y_ptr, part_ptr, w_ptr, b_ptr, pair_ptr,  # x, y contiguous NCHW; pairs (B, C, h, w) int64
     C, H, WV, G, S, rows_per_prog, eps,  # WV = W / VEC
-    mb, mc, mh, mw,  # the maps' strides
+    h, w, ratio_h, ratio_w,  # the maps' size; fp32(h) / H and fp32(w) / W (the nearest rule)
     CG: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
-    AFFINE: tl.constexpr, SILU: tl.constexpr,
+    EVEN_W: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,  # EVEN_W: W == BLOCK_W
 ):
     """SpatialNorm's apply for a contiguous NCHW f: grid (B * C, splits of H), a program walks its
-    rows of one channel, ROWS rows of W <= BLOCK_W per trip. The source columns of the nearest
-    rule (their offsets in the maps) are loaded once per program, the source rows once per trip;
-    per element, the scale and shift are gathered from the latent-resolution maps."""
+    rows of one channel, ROWS rows of W <= BLOCK_W per trip. The source columns are computed once
+    per program, the source rows once per trip; per element, one 64-bit gather of the (scale,
+    shift) pair from the latent-resolution map."""
     bc = tl.program_id(0)
     s = tl.program_id(1)
     W = WV * VEC  # a multiple of VEC: rows start 16-byte aligned
     c = bc % C
-    bb = (bc // C).to(tl.int64)
-    mean, rstd = _group_moments(part_ptr, bb * G + c // CG, S, eps, BLOCK_S)
+    mean, rstd = _group_moments(part_ptr, (bc // C) * G + c // CG, S, eps, BLOCK_S)
     a = rstd
     shift0 = -mean * rstd
     if AFFINE:
         a = rstd * tl.load(w_ptr + c).to(tl.float32)
         shift0 = tl.load(b_ptr + c).to(tl.float32) - mean * a
-    w = tl.arange(0, BLOCK_W)
+    col = tl.arange(0, BLOCK_W)
     r = tl.arange(0, ROWS)
-    w_ok = w < W
-    col = tl.load(src_w_ptr + w, mask=w_ok, other=0) * mw
-    map_off = bb * mb + c.to(tl.int64) * mc
-    sp = scale_ptr + map_off
-    tp = shift_ptr + map_off
+    off = r[:, None] * W + col[None, :]
+    src_col = _nearest(col.to(tl.float32), ratio_w, w)
+    mp = pair_ptr + bc.to(tl.int64) * (h * w)
     h0 = s * rows_per_prog
-    h1 = tl.minimum(h0 + rows_per_prog, H)
-    xp = x_ptr + bc.to(tl.int64) * H * W
-    yp = y_ptr + bc.to(tl.int64) * H * W
-    for t in range(0, rows_per_prog, ROWS):
-        rows = h0 + t + r
-        m = (rows < h1)[:, None] & w_ok[None, :]
-        moff = tl.load(src_h_ptr + rows, mask=rows < h1, other=0)[:, None] * mh + col[None, :]
-        off = rows[:, None] * W + w[None, :]
-        y = tl.load(xp + off, mask=m, other=0.0).to(tl.float32) * a + shift0
-        y = y * tl.load(sp + moff, mask=m, other=0.0).to(tl.float32) + tl.load(tp + moff, mask=m, other=0.0).to(tl.float32)
-        if SILU:
-            y = _silu(y, y_ptr.dtype.element_ty != tl.float32)
-        tl.store(yp + off, y.to(y_ptr.dtype.element_ty), mask=m)
+    n_rows = tl.minimum(rows_per_prog, H - h0)
+    base = bc.to(tl.int64) * H * W + h0 * W
+    xp = x_ptr + base
+    yp = y_ptr + base
+    col_ok = (r < ROWS)[:, None] & (col < W)[None, :]
+    full = n_rows // ROWS
+    rows = (r + h0).to(tl.float32)  # fp32, carried: one add per row and trip
+    for t in range(full):
+        # a pointer per source row, then a 64-bit add per element to reach the column
+        pairs = (mp + _nearest(rows, ratio_h, h) * w)[:, None] + src_col[None, :]
+        if EVEN_W:  # every column is real: no mask
+            _spatial_tile(xp + t * (ROWS * W) + off, yp + t * (ROWS * W) + off, pairs, None, a, shift0, SILU)
+        else:
+            _spatial_tile(xp + t * (ROWS * W) + off, yp + t * (ROWS * W) + off, pairs, col_ok, a, shift0, SILU)
+        rows += ROWS
+    pairs = (mp + _nearest(rows, ratio_h, h) * w)[:, None] + src_col[None, :]
+    ok = col_ok & (r < n_rows - full * ROWS)[:, None]
+    _spatial_tile(xp + full * (ROWS * W) + off, yp + full * (ROWS * W) + off, pairs, ok, a, shift0, SILU)
+
+
+@triton.jit
+def pixel_spatial_apply_kernel(
+    x_ptr, y_ptr, part_ptr, w_ptr, b_ptr, pair_ptr,  # x, y channels_last; pairs (B, h, w, C) int64
+    H, W, G, S, rows_per_prog, eps,
+    h, w, ratio_h, ratio_w,  # as slab_spatial_apply_kernel
+    CG: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr,
+    EVEN_W: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,
+):
+    """SpatialNorm's apply for a channels_last f: grid (B * G, splits of H), [ROWS x BLOCK_W
+    pixels, CG channels] tiles, the group's CG pairs gathered per pixel as contiguous vectors."""
+    bg = tl.program_id(0)
+    s = tl.program_id(1)
+    C = G * CG  # see pixel_stats_kernel
+    bb, c0, ch, a, shift0 = _group_channels(part_ptr, w_ptr, b_ptr, bg, G, S, eps, CG, BLOCK_S, AFFINE)
+    q = tl.arange(0, ROWS * BLOCK_W)
+    r = q // BLOCK_W  # powers of two: shifts and masks, once per program
+    col = q % BLOCK_W
+    off = (r * W + col)[:, None] * C + ch[None, :]  # 32-bit inside an image: P * C < 2^31
+    src_col = _nearest(col.to(tl.float32), ratio_w, w)
+    mp = pair_ptr + bb * h * w * C + c0
+    h0 = s * rows_per_prog
+    n_rows = tl.minimum(rows_per_prog, H - h0)
+    base = bb * H * W * C + h0.to(tl.int64) * W * C + c0
+    xp = x_ptr + base
+    yp = y_ptr + base
+    col_ok = (col < W)[:, None] & (ch < CG)[None, :]
+    full = n_rows // ROWS
+    rows = (r + h0).to(tl.float32)
+    for t in range(full):
+        pairs = mp + ((_nearest(rows, ratio_h, h) * w + src_col) * C)[:, None] + ch[None, :]
+        step = t * (ROWS * W * C)
+        if EVEN_W:
+            _spatial_tile(xp + step + off, yp + step + off, pairs, None, a[None, :], shift0[None, :], SILU)
+        else:
+            _spatial_tile(xp + step + off, yp + step + off, pairs, col_ok, a[None, :], shift0[None, :], SILU)
+        rows += ROWS
+    pairs = mp + ((_nearest(rows, ratio_h, h) * w + src_col) * C)[:, None] + ch[None, :]
+    ok = col_ok & (r < n_rows - full * ROWS)[:, None]
+    step = full * (ROWS * W * C)
+    _spatial_tile(xp + step + off, yp + step + off, pairs, ok, a[None, :], shift0[None, :], SILU)
 
 
 @triton.jit
@@ -342,15 +443,7 @@ def pixel_apply_kernel(
     s = tl.program_id(1)
     C = G * CG  # see pixel_stats_kernel
     per_prog = per_blocks * BLOCK_P
-    mean, rstd = _group_moments(part_ptr, bg, S, eps, BLOCK_S)
-    bb = (bg // G).to(tl.int64)
-    c0 = (bg % G) * CG
-    ch = tl.arange(0, CG)
-    a = tl.zeros([CG], tl.float32) + rstd
-    shift = tl.zeros([CG], tl.float32) - mean * rstd
-    if AFFINE:
-        a = rstd * tl.load(w_ptr + c0 + ch).to(tl.float32)
-        shift = tl.load(b_ptr + c0 + ch).to(tl.float32) - mean * a
+    bb, c0, ch, a, shift = _group_channels(part_ptr, w_ptr, b_ptr, bg, G, S, eps, CG, BLOCK_S, AFFINE)
     start = s * per_prog
     length = tl.minimum(per_prog, P - start)
     pix = tl.arange(0, BLOCK_P)
@@ -450,8 +543,8 @@ def launch_config(B: int, G: int, CG: int, P: int) -> dict:
 def path_for(layout: str, G: int, CG: int, P: int, itemsize: int) -> str:
     """Which kernels run for an aligned x and y of this layout: "nchw" (contiguous: a group is one
     slab), "channels_last" (a group is CG contiguous channels at every pixel) or "strided" (any
-    other view). SpatialNorm's apply pass always takes the strided kernel. The specialised paths need rows that keep the vectors aligned
-    (H * W * itemsize a multiple of 16 for nchw; for channels_last CG a power of two of at least
+    other view). SpatialNorm's apply takes the path's own kernel where spatial_config allows it,
+    else the strided one. The specialised paths need rows that keep the vectors aligned (H * W * itemsize a multiple of 16 for nchw; for channels_last CG a power of two of at least
     8 bytes, and an image of fewer than 2^31 elements: 32-bit offsets), so that their global
     accesses are 64 or 128 bits wide."""
     if layout == "nchw" and P * itemsize % 16 == 0:
@@ -495,16 +588,64 @@ def specialised_config(path: str, B: int, C: int, G: int, P: int, elt: int) -> d
                 apply_const=dict(CG=CG, BLOCK_P=block_pa, BLOCK_S=triton.next_power_of_2(s)))
 
 
-def spatial_config(B: int, C: int, H: int, W: int, itemsize: int) -> dict | None:
-    """Grid and tiles of slab_spatial_apply_kernel, or None where it does not apply (rows that
-    would not start 16-byte aligned, or wider than one tile)."""
-    if W * itemsize % 16 or W > 4096:
-        return None
+#: Elements of one SpatialNorm apply tile at most (a row of W pixels, times CG channels for
+#: channels_last): 32 per thread at 4 warps, beyond which registers run out. Wider rows take
+#: the strided kernel.
+MAX_SPATIAL_TILE = 4096
+
+
+def spatial_config(path: str, B: int, C: int, G: int, H: int, W: int, itemsize: int) -> dict | None:
+    """Grid and tiles of the SpatialNorm apply kernel of a path (slab_spatial_apply_kernel, a
+    program per channel, for "nchw"; pixel_spatial_apply_kernel, a program per group, for
+    "channels_last"): whole rows of W <= BLOCK_W pixels, ROWS of them per trip, split over H.
+    None where it does not apply (NCHW rows that would not start 16-byte aligned; a row tile
+    over MAX_SPATIAL_TILE elements)."""
     block_w = triton.next_power_of_2(W)
-    rows = max(1, BLOCK // block_w)
-    splits, per_prog = _splits(H, rows, B * C)
-    return dict(grid=(B * C, splits), rows_per_prog=per_prog,
-                const=dict(ROWS=rows, BLOCK_W=block_w, VEC=16 // itemsize))
+    per_row = block_w * (C // G if path == "channels_last" else 1)
+    if per_row > MAX_SPATIAL_TILE or (path == "nchw" and W * itemsize % 16):
+        return None
+    rows = max(1, BLOCK // per_row)
+    programs = B * (G if path == "channels_last" else C)
+    splits, per_prog = _splits(H, rows, programs)
+    const = dict(ROWS=rows, BLOCK_W=block_w, EVEN_W=block_w == W)
+    if path == "nchw":
+        const["VEC"] = 16 // itemsize
+    return dict(grid=(programs, splits), rows_per_prog=per_prog, const=const)
+
+
+def nearest_source(n_out: int, n_in: int, device: torch.device) -> torch.Tensor:
+    """Source index of each of n_out positions under F.interpolate(mode="nearest") from n_in:
+    derived from PyTorch itself, so the strided kernel gathers exactly what diffusers' upsample
+    picks."""
+    src = torch.arange(n_in, dtype=torch.float32, device=device).view(1, 1, n_in)
+    return F.interpolate(src, size=n_out, mode="nearest").view(n_out).to(torch.int32)
+
+
+def nearest_ratio(n_in: int, n_out: int) -> float:
+    """PyTorch's nearest-resize scale, fp32(n_in) / n_out rounded to fp32, which the vector
+    kernels multiply output positions by (_nearest)."""
+    return (torch.tensor(n_in, dtype=torch.float32) / n_out).item()
+
+
+def spatial_pairs(scale: torch.Tensor, shift: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """SpatialNorm's maps as one int64 tensor whose elements are fp32 (scale, shift) pairs: (B, C,
+    h, w) contiguous for an NCHW f (a channel's map is one run), (B, h, w, C) for a channels_last
+    f (a group's pairs at a pixel are one run). When scale and shift already are the two halves of
+    such pairs (what the model's spatial_maps makes) this is a view; else they are copied
+    (latent-resolution sized)."""
+    dims = (0, 2, 3, 1) if channels_last else (0, 1, 2, 3)  # the pairs' memory order
+    shape = [scale.shape[d] for d in dims] + [2]
+    dense = torch.empty(shape, device="meta").stride()
+    want = tuple(dense[dims.index(d)] for d in range(4))
+    if (scale.dtype == shift.dtype == torch.float32 and scale.stride() == want == shift.stride()
+            and shift.untyped_storage().data_ptr() == scale.untyped_storage().data_ptr()
+            and shift.storage_offset() == scale.storage_offset() + 1 and scale.data_ptr() % 8 == 0):
+        pairs = scale.as_strided(shape, dense)
+    else:
+        pairs = torch.empty(shape, dtype=torch.float32, device=scale.device)
+        pairs[..., 0].copy_(scale.permute(dims))
+        pairs[..., 1].copy_(shift.permute(dims))
+    return pairs.view(torch.int64).squeeze(-1)
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -520,11 +661,11 @@ def norm(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool,
-    spatial: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    spatial: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """GroupNorm over x (B, C, H, W) or (B, C, L), then SpatialNorm's scale and shift when
-    ``spatial`` = (scale, shift, src_h, src_w) is given, then SiLU, written into y (x's shape,
-    any layout). Returns y."""
+    ``spatial`` = (scale, shift), (B, C, h, w) maps resized to (H, W) by PyTorch's nearest rule,
+    is given, then SiLU, written into y (x's shape, any layout). Returns y."""
     if x.numel() == 0:
         return y
     x4, y4 = _as_4d(x), _as_4d(y)
@@ -549,15 +690,7 @@ def norm(
         if path == "nchw":
             PV = P // sc["VEC"]
             slab_stats_kernel[cfg["stats_grid"]](x4, partials, PV, SP, cfg["stats_per"] // sc["BLOCK"], num_warps=NUM_WARPS, **sc)
-            sp_cfg = spatial_config(B, C, H, W, x.element_size()) if spatial is not None else None
-            if sp_cfg is not None:
-                scale, shift, src_h, src_w = spatial
-                if scale.stride() != shift.stride():
-                    shift = torch.empty_like(scale).copy_(shift)  # one set of map strides (latent-sized)
-                slab_spatial_apply_kernel[sp_cfg["grid"]](
-                    x4, y4, partials, *wb, scale, shift, src_h, src_w, C, H, W // sp_cfg["const"]["VEC"], G, SP,
-                    sp_cfg["rows_per_prog"], eps, *scale.stride(), CG=CG, BLOCK_S=triton.next_power_of_2(SP),
-                    AFFINE=affine, SILU=silu, num_warps=NUM_WARPS, **sp_cfg["const"])
+            if spatial is not None and _spatial_apply(path, x4, y4, partials, wb, spatial, G, eps, affine, silu):
                 return y
             if spatial is None:
                 slab_apply_kernel[cfg["apply_grid"]](x4, y4, partials, *wb, C, PV, G, SP, cfg["apply_per"] // BLOCK, eps,
@@ -566,6 +699,8 @@ def norm(
         else:
             pixel_stats_kernel[cfg["stats_grid"]](x4, partials, P, G, SP, cfg["stats_per"] // sc["BLOCK_P"],
                                                   num_warps=NUM_WARPS, **sc)
+            if spatial is not None and _spatial_apply(path, x4, y4, partials, wb, spatial, G, eps, affine, silu):
+                return y
             if spatial is None:
                 pixel_apply_kernel[cfg["apply_grid"]](x4, y4, partials, *wb, P, G, SP, cfg["apply_per"] // ac["BLOCK_P"],
                                                       eps, AFFINE=affine, SILU=silu, num_warps=NUM_WARPS, **ac)
@@ -577,7 +712,8 @@ def norm(
         partials = torch.empty(B * G, SP, 3, dtype=torch.float32, device=x.device)
         group_stats_kernel[(B * G, S)](x4, partials, C, P, W, G, S, per_prog, *x4.stride(), CG=CG, num_warps=num_warps, **cfg)
     if spatial is not None:
-        scale, shift, src_h, src_w = spatial
+        scale, shift = spatial
+        src_h, src_w = nearest_source(H, scale.shape[2], x.device), nearest_source(W, scale.shape[3], x.device)
         maps = dict(scale_ptr=scale, shift_ptr=shift, src_h_ptr=src_h, src_w_ptr=src_w, mb=scale.stride(0),
                     mc=scale.stride(1), mh=scale.stride(2), mw=scale.stride(3))
     else:
@@ -591,6 +727,28 @@ def norm(
         SILU=silu, num_warps=num_warps, **cfg,
     )
     return y
+
+
+def _spatial_apply(path: str, x4, y4, partials, wb, spatial, G: int, eps: float, affine: bool, silu: bool) -> bool:
+    """SpatialNorm's apply pass on a vector path (nchw or channels_last), or False where its
+    kernel does not apply (spatial_config)."""
+    B, C, H, W = x4.shape
+    scale, _ = spatial
+    h, w = scale.shape[2:]
+    cfg = spatial_config(path, B, C, G, H, W, x4.element_size())
+    if cfg is None:
+        return False
+    pairs = spatial_pairs(*spatial, channels_last=path == "channels_last")
+    SP = partials.shape[1]
+    common = dict(CG=C // G, BLOCK_S=triton.next_power_of_2(SP), AFFINE=affine, SILU=silu, num_warps=NUM_WARPS, **cfg["const"])
+    sizes = (h, w, nearest_ratio(h, H), nearest_ratio(w, W))
+    if path == "nchw":
+        slab_spatial_apply_kernel[cfg["grid"]](x4, y4, partials, *wb, pairs, C, H, W // cfg["const"]["VEC"], G, SP,
+                                               cfg["rows_per_prog"], eps, *sizes, **common)
+    else:
+        pixel_spatial_apply_kernel[cfg["grid"]](x4, y4, partials, *wb, pairs, H, W, G, SP, cfg["rows_per_prog"], eps,
+                                                *sizes, **common)
+    return True
 
 
 def aot_cases() -> list[tuple[torch.dtype, str, int, int, int, int, bool]]:
@@ -640,14 +798,17 @@ def compile_spec(dtype: torch.dtype, layout: str, B: int, C: int, G: int, P: int
             return launches
         launches = launches[:1]
         W = math.isqrt(P)  # the aot cases' SpatialNorm images are square
-        sp_cfg = spatial_config(B, C, P // W, W, elt) if path == "nchw" else None
+        sp_cfg = spatial_config(path, B, C, G, P // W, W, elt)
         if sp_cfg is not None:
-            sig = {**wb, "scale_ptr": dtype, "shift_ptr": dtype, "src_h_ptr": torch.int32, "src_w_ptr": torch.int32,
-                   **{n: "i32" for n in ("C", "H", "WV", "G", "S", "rows_per_prog")}, "eps": "fp32",
-                   **{n: "i32" for n in ("mb", "mc", "mh", "mw")}}
+            sig = {**wb, "pair_ptr": torch.int64}
+            if path == "nchw":
+                kernel, sizes = slab_spatial_apply_kernel, ("C", "H", "WV", "G", "S", "rows_per_prog")
+            else:
+                kernel, sizes = pixel_spatial_apply_kernel, ("H", "W", "G", "S", "rows_per_prog")
+            sig.update({n: "i32" for n in sizes}, eps="fp32", h="i32", w="i32", ratio_h="fp32", ratio_w="fp32")
             const = dict(CG=CG, BLOCK_S=triton.next_power_of_2(SP), **sp_cfg["const"], **flags)
-            per_trip = sp_cfg["const"]["ROWS"] * min(W, sp_cfg["const"]["BLOCK_W"])
-            return launches + [(slab_spatial_apply_kernel, sig, const, NUM_WARPS, per_trip, None, ptrs(sig))]
+            per_trip = sp_cfg["const"]["ROWS"] * W * (CG if path == "channels_last" else 1)
+            return launches + [(kernel, sig, const, NUM_WARPS, per_trip, None, ptrs(sig))]
     cfg = launch_config(B, G, CG, P)
     num_warps = cfg.pop("num_warps")
     S = cfg.pop("S")
@@ -672,8 +833,6 @@ def compile_spec(dtype: torch.dtype, layout: str, B: int, C: int, G: int, P: int
 def _note(layout: str, path: str, CG: int, P: int, itemsize: int, spatial: bool) -> str:
     """Why a row runs the strided kernels (they miss the budgets: per-element division, scalar
     accesses, a reduction per tile)."""
-    if spatial and path == "channels_last":
-        return "apply: the strided kernel (no channels_last SpatialNorm apply yet)"
     if path != "strided":
         return ""
     if layout == "strided":

@@ -39,7 +39,8 @@ def test_every_launch_configuration_is_covered(compiled):
     # the rows of a path ran its kernels
     assert {r["kernel_function"] for r in norms if r["path"] == "nchw"} == {
         "slab_stats_kernel", "slab_apply_kernel", "slab_spatial_apply_kernel"}
-    assert {r["kernel_function"] for r in norms if r["path"] == "channels_last"} == {"pixel_stats_kernel", "pixel_apply_kernel"}
+    assert {r["kernel_function"] for r in norms if r["path"] == "channels_last"} == {
+        "pixel_stats_kernel", "pixel_apply_kernel", "pixel_spatial_apply_kernel"}
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -98,27 +99,7 @@ def test_sass_reader_counts_the_hot_loop():
     assert aot.estimate_us(0.0, 1, 43_000_000) == pytest.approx(10.0)  # 43 MB at 4.3 TB/s
 
 
-#: Rows that miss their budget today, named so that the test fails once they meet it (strict).
-KNOWN_MISSES = [
-    # tl.dot on FMAs reloads and re-centres z and its operands every 16-wide slice: ~370-385
-    # instructions per pair against 1.3 x 256 + 8 = 341.
-    dict(kernel="nearest_code", D=256),
-    # SpatialNorm's apply gathers its scale and shift per element from the latent-resolution
-    # maps (16/32-bit loads, an address each): ~18 instructions per element against 14 on NCHW
-    # rows; channels_last runs the strided kernel (~100).
-    dict(spatial=True, kernel="group_apply"),
-    # channels_last stats of bf16 groups of 4 channels: 64-bit vectors, each with its own 64-bit
-    # address (pixels are C apart), and bf16 unpacks at 1.5 instructions per element: 6.25
-    # instructions per element against 6.
-    dict(kernel="group_stats", layout="channels_last", C=128, dtype="bfloat16"),
-]
-
-
-def known_miss(row: dict) -> bool:
-    return any(all(row.get(k) == v for k, v in miss.items()) for miss in KNOWN_MISSES)
-
-
-def budget_misses(compiled, known: bool) -> list[str]:
+def budget_misses(compiled) -> list[str]:
     """Every budgeted row's misses (sm_90): instruction, shuffle and barrier limits, and the
     narrowest global load and store of the hot loop. The budgets live beside the kernels."""
     limits = {"nearest_code": codebook.budget, "group_stats": group_norm.budget, "group_apply": group_norm.budget}
@@ -128,8 +109,6 @@ def budget_misses(compiled, known: bool) -> list[str]:
         if b is None:
             continue
         budgeted.add(r["kernel"])
-        if known_miss(r) != known:
-            continue
         for key, limit in b.items():
             if key == "min_global_bits":
                 widths = r["global_load_bits"] + r["global_store_bits"]
@@ -137,20 +116,10 @@ def budget_misses(compiled, known: bool) -> list[str]:
                     misses.append(f"{r}: global widths {widths} below {limit} bits")
             elif r[key] > limit:
                 misses.append(f"{r}: {key} = {r[key]} over its budget {limit}")
-    if not known:
-        assert budgeted == set(limits), f"no budgeted row for {set(limits) - budgeted}"
+    assert budgeted == set(limits), f"no budgeted row for {set(limits) - budgeted}"
     return misses
 
 
 def test_hot_loops_hold_their_budgets(compiled):
-    misses = budget_misses(compiled, known=False)
+    misses = budget_misses(compiled)
     assert not misses, "\n".join(misses)
-
-
-def test_known_misses_are_listed_truthfully(compiled):
-    """Every KNOWN_MISSES entry still matches a budgeted row that misses: once one meets its
-    budget, this fails until the entry is removed (and the budget then holds it)."""
-    missing = budget_misses(compiled, known=True)
-    for miss in KNOWN_MISSES:
-        text = [m for m in missing if all(f"'{k}': {v!r}" in m for k, v in miss.items())]
-        assert text, f"{miss} meets its budget now: remove it from KNOWN_MISSES"

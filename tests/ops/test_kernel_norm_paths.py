@@ -79,14 +79,64 @@ def test_views_the_vector_paths_cannot_read_take_the_strided_path(triton_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_spatial_norm_with_specialised_stats(triton_backend, layout, dtype):
-    """SpatialNorm's statistics take the layout's vector path; its apply the NCHW row kernel
-    (several rows per trip, a partial last trip) or, for channels_last, the strided kernel."""
+    """SpatialNorm's statistics and apply take the layout's vector kernels (several rows per
+    trip, a partial last trip, rows narrower than the tile)."""
     from test_norms import sn_ref
 
     g = torch.Generator().manual_seed(10)
     f = make((2, 64, 40, 24), dtype, g, channels_last=layout == "channels_last")
     assert path(f, 16) == layout
+    assert kernel.spatial_config(layout, 2, 64, 16, 40, 24, f.element_size()) is not None
     scale, shift = make((2, 64, 5, 7), dtype, g), make((2, 64, 5, 7), dtype, g)
     out = vf.spatial_norm(f, scale, shift, 16, None, None, activation="silu")
     ref = sn_ref(f.double(), scale.double(), shift.double(), 16, None, None, True)
     three_way(out, ref, sn_ref(f, scale, shift, 16, None, None, True))
+
+
+#: (h, H, w, W): upsampling by integer and fractional ratios, downsampling, one source row, rows
+#: as wide as the tile (W a power of two) and narrower.
+NEAREST_CASES = [(1, 8, 3, 8), (3, 8, 5, 12), (5, 12, 7, 16), (7, 33, 13, 36), (6, 31, 2, 40), (12, 5, 9, 4),
+                 (9, 64, 4, 8), (17, 40, 8, 32)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_spatial_apply_picks_pytorchs_nearest_source(triton_backend, layout):
+    """The vector kernels compute each position's source row and column (no index table): with
+    scale 0 the output is exactly the shift map gathered there, which must be F.interpolate's."""
+    g = torch.Generator().manual_seed(11)
+    for h, H, w, W in NEAREST_CASES:
+        f = make((1, 4, H, W), torch.float32, g, channels_last=layout == "channels_last")
+        assert path(f, 2) == layout and kernel.spatial_config(layout, 1, 4, 2, H, W, 4) is not None
+        shift = make((1, 4, h, w), torch.float32, g)
+        out = vf.spatial_norm(f, torch.zeros_like(shift), shift, 2, None, None)
+        want = torch.nn.functional.interpolate(shift, size=(H, W), mode="nearest")
+        assert torch.equal(out, want), (h, H, w, W)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_spatial_pairs_are_a_view_of_the_models_maps(layout):
+    """The model's maps on the Triton path are the halves of float32 pairs in the layout the
+    kernel gathers: the launcher then reads them in place; other maps are paired by a copy."""
+    from vqfast.models.layers import SpatialNorm, spatial_maps
+
+    norm = SpatialNorm(64, 4)
+    zq = torch.randn(2, 4, 3, 5, device=DEVICE)
+    like = torch.empty(2, 64, 6, 10, device=DEVICE)
+    channels_last = layout == "channels_last"
+    if channels_last:
+        like = like.contiguous(memory_format=torch.channels_last)
+    vqfast.set_backend("triton")
+    try:
+        scale, shift = spatial_maps(norm, zq, like)
+    finally:
+        vqfast.set_backend(None)
+    pairs = kernel.spatial_pairs(scale, shift, channels_last)
+    assert pairs.dtype == torch.int64 and pairs.data_ptr() == scale.data_ptr()
+    halves = pairs.unsqueeze(-1).view(torch.float32)  # (..., 2)
+    order = (0, 2, 3, 1) if channels_last else (0, 1, 2, 3)
+    assert torch.equal(halves[..., 0], scale.permute(order)) and torch.equal(halves[..., 1], shift.permute(order))
+    ref_scale, ref_shift = spatial_maps(norm, zq, like)  # the eager path's maps
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(shift, ref_shift, rtol=1e-6, atol=1e-6)
+    copied = kernel.spatial_pairs(ref_scale, ref_shift, channels_last)
+    assert copied.data_ptr() != ref_scale.data_ptr() and torch.equal(copied, pairs)

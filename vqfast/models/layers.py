@@ -13,6 +13,7 @@ from torch import nn
 
 from ..ops import functional as vf
 from ..ops.derived import derived
+from ..ops.dispatch import use_triton
 
 ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -55,31 +56,56 @@ class SpatialNorm(nn.Module):
         return vf.spatial_norm(f, scale, shift, n.num_groups, None, None, n.eps, activation)
 
 
-def spatial_map_weights(wy, by, wb, bb, weight, bias) -> tuple[torch.Tensor, ...]:
+def _folded_map_weights(wy, by, wb, bb, weight, bias) -> tuple[torch.Tensor, ...]:
     """SpatialNorm's conv_y and conv_b (1x1, (C, Z, 1, 1)) with the GroupNorm affine (w, b)
     folded in, as (Z, C) matrices and (C,) offsets: (scale matrix, scale offset, shift matrix,
     shift offset) for scale = w * conv_y(zq) and shift = conv_b(zq) + b * conv_y(zq), since
-    (n w + b) y + c = n (w y) + (b y + c). Summed in float32 (float64 for float64 weights) and
-    rounded once to the weights' dtype."""
+    (n w + b) y + c = n (w y) + (b y + c). In float32 (float64 for float64 weights)."""
     acc = torch.float64 if wy.dtype == torch.float64 else torch.float32
-    C, dtype = wy.shape[0], wy.dtype
+    C = wy.shape[0]
     wy, wb = wy.reshape(C, -1).to(acc), wb.reshape(C, -1).to(acc)
     by = by.to(acc) if by is not None else wy.new_zeros(C)
     bb = bb.to(acc) if bb is not None else wy.new_zeros(C)
     w = weight.to(acc) if weight is not None else wy.new_ones(C)
     b = bias.to(acc) if bias is not None else wy.new_zeros(C)
-    out = (wy * w[:, None]).t(), by * w, (wb + wy * b[:, None]).t(), bb + by * b
-    return tuple(t.to(dtype).contiguous() for t in out)
+    return (wy * w[:, None]).t(), by * w, (wb + wy * b[:, None]).t(), bb + by * b
+
+
+def spatial_map_weights(wy, by, wb, bb, weight, bias) -> tuple[torch.Tensor, ...]:
+    """_folded_map_weights rounded once to the weights' dtype."""
+    return tuple(t.to(wy.dtype).contiguous() for t in _folded_map_weights(wy, by, wb, bb, weight, bias))
+
+
+def spatial_pair_weights(wy, by, wb, bb, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """_folded_map_weights as one float32 (Z, 2C) matrix whose columns alternate scale and shift,
+    and its (2C,) offset: one product gives the (scale, shift) pairs the Triton kernels gather."""
+    sm, so, tm, to = _folded_map_weights(wy, by, wb, bb, weight, bias)
+    Z, C = sm.shape
+    return torch.stack((sm, tm), -1).reshape(Z, 2 * C).float(), torch.stack((so, to), -1).reshape(2 * C).float()
 
 
 def spatial_maps(norm: nn.Module, zq: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A SpatialNorm's scale and shift maps at zq's resolution, (B, C, h, w) each in the memory
     format of ``like`` (the tensor it normalises), with the norm's affine folded in: one small
     matrix product each, in place of two 1x1 convolutions and two broadcast ops; the folded
-    weights are built once per weight state (vqfast.ops.derived)."""
+    weights are built once per weight state (vqfast.ops.derived).
+
+    On the Triton path the two maps are the halves of float32 (scale, shift) pairs, as the
+    kernels gather them (one 64-bit load per element): (B, C, h, w, 2) for an NCHW ``like``,
+    (B, h, w, C, 2) for a channels_last one."""
     cy, cb, n = norm.conv_y, norm.conv_b, norm.norm_layer
-    folded = derived(spatial_map_weights, cy.weight, cy.bias, cb.weight, cb.bias, n.weight, n.bias)
+    weights = (cy.weight, cy.bias, cb.weight, cb.bias, n.weight, n.bias)
     B, Z, h, w = zq.shape
+    channels_last = memory_format_of(like) == torch.channels_last
+    if use_triton(zq.device):
+        matrix, offset = derived(spatial_pair_weights, *weights)
+        C = offset.shape[0] // 2
+        rows = zq.float().permute(0, 2, 3, 1).reshape(B, h * w, Z)
+        pairs = torch.baddbmm(offset, rows, matrix.expand(B, -1, -1)).view(B, h, w, C, 2).permute(0, 3, 1, 2, 4)
+        if not channels_last:
+            pairs = pairs.contiguous()  # (B, C, h, w, 2): a channel's map is one run
+        return pairs[..., 0], pairs[..., 1]
+    folded = derived(spatial_map_weights, *weights)
     C = folded[1].shape[0]
     if torch.compiler.is_compiling():
         # As 1x1 convolutions, which inductor lays out with the decoder's other convolutions
@@ -92,7 +118,6 @@ def spatial_maps(norm: nn.Module, zq: torch.Tensor, like: torch.Tensor) -> tuple
             F.conv2d(zq, matrix.t().to(zq.dtype).reshape(C, Z, 1, 1), offset.to(zq.dtype))
             for matrix, offset in (folded[:2], folded[2:])
         )
-    channels_last = memory_format_of(like) == torch.channels_last
     maps = []
     for matrix, offset in (folded[:2], folded[2:]):  # (Z, C), (C,)
         matrix, offset = matrix.to(zq.dtype), offset.to(zq.dtype)

@@ -148,6 +148,7 @@ def spatial_norm(f, scale, shift, num_groups: int, weight, bias, eps: float, sil
     so the full-size tensor takes one multiply-add. When H and W are integer multiples of the
     maps' size the maps are broadcast over a (h, H/h, w, W/w) view (the same nearest rule, which
     the tests check), so no full-size map is made."""
+    scale, shift = scale.to(f.dtype), shift.to(f.dtype)  # the Triton path's maps are float32 pairs
     if bias is not None:
         shift = torch.addcmul(shift, scale, bias.view(1, -1, 1, 1))
     if weight is not None:
