@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vqfast
 
@@ -109,12 +110,13 @@ def _graph_ops(fn, *args):
 
 
 def test_cpu_norms_reach_the_compiler_as_plain_ops():
-    """On CPU the compiler sees GroupNorm, SpatialNorm and SiLU as PyTorch ops it can fuse;
-    the codebook search stays one opaque custom op (its tile loop must not be unrolled)."""
+    """On CPU the compiler sees GroupNorm (per-channel var_mean, combined into groups),
+    SpatialNorm and SiLU as PyTorch ops it can fuse; the codebook search stays one opaque custom
+    op (its tile loop must not be unrolled)."""
     model = _tiny(norm_type="spatial")
     ops = _graph_ops(lambda h: model.decode(h).sample, torch.randn(1, 4, 4, 4))
     assert not [op for op in ops if "vqfast.group_norm" in op or "vqfast.spatial_norm" in op]
-    assert sum("group_norm" in op for op in ops) >= 6 and any("silu" in op for op in ops)
+    assert sum("var_mean" in op for op in ops) >= 6 and any("silu" in op for op in ops)
     assert sum("vqfast.quantize" in op for op in ops) == 1
 
 
@@ -151,3 +153,25 @@ def test_compiled_channels_last_norms_stay_accurate():
         assert (eager.double() - ref).abs().max().item() < 1e-4, name  # cancellation: off by O(1)
         torch_err = (ref_fn(x32.contiguous(), s32.contiguous(), t32.contiguous()).double() - ref).abs().max().item()
         assert (out.double() - ref).abs().max().item() <= 2 * torch_err + 1e-5 * ref.abs().max().item(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_group_norm_by_channels_matches_group_norm(dtype):
+    """The compiled path's GroupNorm (per-channel var_mean combined into groups, back to channels
+    by a product) against float64 F.group_norm by the three-way rule: channels_last and NCHW,
+    three channels per group, (B, C, L) sequences, affine or not, a mean of 300 with std 0.1."""
+    from vqfast.ops import reference
+
+    atol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}[dtype]
+    g = torch.Generator().manual_seed(4)
+    for shape, groups, cl, mean, affine in [((2, 12, 5, 7), 4, True, 300.0, True), ((1, 12, 33, 31), 4, False, 3.0, False),
+                                           ((2, 8, 37), 2, False, 0.0, True)]:
+        x = (mean + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        wb = [torch.randn(shape[1], generator=g, dtype=torch.float64).to(dtype) for _ in range(2)] if affine else [None, None]
+        out = reference._group_norm_by_channels(x, groups, *wb, 1e-6)
+        ref = F.group_norm(x.double(), groups, *(t.double() if t is not None else None for t in wb), 1e-6)
+        torch_err = (F.group_norm(x.contiguous(), groups, *wb, 1e-6).double() - ref).abs().max().item()
+        assert out.dtype == dtype and out.shape == x.shape
+        assert (out.double() - ref).abs().max().item() <= 2 * torch_err + atol * max(1.0, ref.abs().max().item()), shape

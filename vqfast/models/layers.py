@@ -107,13 +107,15 @@ def spatial_maps(norm: nn.Module, zq: torch.Tensor, like: torch.Tensor) -> tuple
         return pairs[..., 0], pairs[..., 1]
     folded = derived(spatial_map_weights, *weights)
     C = folded[1].shape[0]
-    if torch.compiler.is_compiling():
-        # As 1x1 convolutions, which inductor lays out with the decoder's other convolutions
-        # (channels_last on CPU). A product's fixed NCHW output would meet those channels_last
-        # activations in the fused norm loop, which then transposes tiles with PyTorch's AVX-512
-        # transpose_mxn<BFloat16>; GCC 12's -O3 SLP vectoriser compiles that, inlined into an
-        # inductor kernel, into code that leaves most of each 32x32 tile unwritten: the
-        # compiled bf16 decode came out all NaN (-O2 or -fno-tree-slp-vectorize compile it right).
+    if torch.compiler.is_compiling() and zq.dtype in (torch.bfloat16, torch.float16):
+        # 16-bit maps as 1x1 convolutions, which inductor lays out with the decoder's other
+        # convolutions (channels_last on CPU). A product's fixed NCHW output would meet those
+        # channels_last activations in the fused norm loop, which then transposes tiles with
+        # PyTorch's AVX-512 transpose_mxn<BFloat16>; GCC 12's -O3 SLP vectoriser compiles that,
+        # inlined into an inductor kernel, into code that leaves most of each 32x32 tile
+        # unwritten: the compiled bf16 decode came out all NaN (-O2 or -fno-tree-slp-vectorize
+        # compile it right). fp32 keeps the products: the convolutions' channels_last maps made
+        # a compiled NCHW SpatialNorm+SiLU 1.2x slower than eager (strided map reads).
         return tuple(
             F.conv2d(zq, matrix.t().to(zq.dtype).reshape(C, Z, 1, 1), offset.to(zq.dtype))
             for matrix, offset in (folded[:2], folded[2:])
