@@ -1,8 +1,9 @@
-"""MoVQ encode or decode (256x256, batch 1, fp32) by vqfast, compiled vqfast, diffusers and compiled
+"""MoVQ encode or decode (256x256, batch 1, fp32 or bf16) by vqfast, compiled vqfast, diffusers and compiled
 diffusers, alternating in one process: the four see the same machine state in every round, which
 separate processes (``vqfast bench``) do not on a shared CPU.
 
     python bench/side_by_side.py decode --rounds 5     # writes bench/results/side-by-side-<date>-decode.json
+    python bench/side_by_side.py encode --dtype bfloat16   # ...-encode-bfloat16.json
 
 Prints each variant's error against diffusers and its median time, and the ratios; the JSON keeps
 every run's time with the machine, versions and date.
@@ -28,14 +29,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=["encode", "decode"])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args()
     torch.manual_seed(0)
     cfg = real_config("movq")
+    dtype = getattr(torch, args.dtype)
     ours = vqfast.VQModel(**cfg).eval()
     theirs = diffusers.VQModel(**cfg).eval()
     theirs.load_state_dict(ours.state_dict())
-    h, x = torch.randn(1, 4, 32, 32), torch.rand(1, 3, 256, 256) * 2 - 1
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    h, x = torch.randn(1, 4, 32, 32).to(dtype), (torch.rand(1, 3, 256, 256) * 2 - 1).to(dtype)
     if args.kind == "decode":
         call = lambda m: lambda: m.decode(h, force_not_quantize=True).sample  # noqa: E731
     else:
@@ -46,7 +50,7 @@ def main() -> None:
     with torch.no_grad():
         outs = {k: f() for k, f in fns.items()}  # compiles the compiled two
         ref = outs["diffusers"]
-        errors = {k: ((o - ref).abs().max() / ref.abs().max()).item() for k, o in outs.items()}
+        errors = {k: ((o.float() - ref.float()).abs().max() / ref.float().abs().max()).item() for k, o in outs.items()}
         for _ in range(args.rounds):
             for k, f in fns.items():
                 t = time.perf_counter()
@@ -61,8 +65,9 @@ def main() -> None:
         print(f"{args.kind} {name}: {r:.2f}x")
     env = environment("cpu")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"side-by-side-{env['date'][:10]}-{args.kind}.json"
-    path.write_text(json.dumps({**env, "kind": args.kind, "case": "movq batch 1 256x256 float32",
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    path = args.out / f"side-by-side-{env['date'][:10]}-{args.kind}{suffix}.json"
+    path.write_text(json.dumps({**env, "kind": args.kind, "case": f"movq batch 1 256x256 {args.dtype}",
                                 "times_s": times, "errors_vs_diffusers": errors, "ratios": ratios}, indent=1))
     print("wrote", path)
 
