@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -624,7 +625,7 @@ def nearest_source(n_out: int, n_in: int, device: torch.device) -> torch.Tensor:
 def nearest_ratio(n_in: int, n_out: int) -> float:
     """PyTorch's nearest-resize scale, fp32(n_in) / n_out rounded to fp32, which the vector
     kernels multiply output positions by (_nearest)."""
-    return (torch.tensor(n_in, dtype=torch.float32) / n_out).item()
+    return float(np.float32(n_in) / np.float32(n_out))  # host arithmetic: no tensor op per launch
 
 
 def spatial_pairs(scale: torch.Tensor, shift: torch.Tensor, channels_last: bool) -> torch.Tensor:
