@@ -62,18 +62,52 @@ def test_group_norm_without_affine_and_on_sequences(backend):
     three_way(vf.group_norm(y, 3, w, None), gn_ref(y.double(), 3, w.double(), None, False), gn_ref(y, 3, w, None, False))
 
 
-def test_constant_input_gives_the_bias(backend):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_constant_input_gives_the_bias(backend, channels_last):
     x = torch.full((2, 8, 5, 3), 7.25, device=DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     b = torch.arange(8.0, device=DEVICE)
     out = vf.group_norm(x, 2, torch.ones(8, device=DEVICE), b)
     assert torch.equal(out, b.view(1, 8, 1, 1).expand_as(out))
 
 
-def test_large_mean_small_spread(backend):
-    """mean 300, std 0.1: E[x^2] - E[x]^2 would cancel to nothing in fp32."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_mean_small_spread(backend, channels_last):
+    """mean 300, std 0.1: E[x^2] - E[x]^2 would cancel to nothing in fp32. Three images, one
+    offset by 5: each image's statistics are its own."""
     g = torch.Generator().manual_seed(2)
-    x = make((2, 8, 33, 31), torch.float32, g, mean=300.0, std=0.1)
-    three_way(vf.group_norm(x, 2), gn_ref(x.double(), 2, None, None, False), gn_ref(x, 2, None, None, False))
+    x = make((3, 8, 33, 31), torch.float32, g, mean=300.0, std=0.1, channels_last=channels_last)
+    x[1] += 5.0
+    w, b = make((8,), torch.float32, g), make((8,), torch.float32, g)
+    out = vf.group_norm(x, 2, w, b, activation="silu")
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    three_way(out, gn_ref(x.double(), 2, w.double(), b.double(), True), gn_ref(x, 2, w, b, True))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-6), (torch.float64, 1e-11)])
+def test_eager_channels_last_norms_take_shifted_statistics(dtype, tolerance):
+    """The eager path's channels_last GroupNorm subtracts each group's sampled mean before its
+    statistics and scales the difference: at mean 300, std 0.1 its fp32 error is ~1e-6 where
+    PyTorch's kernels (either layout) are off by ~3e-4. The float64 references are NCHW: the
+    channels_last kernel cancels even in float64 (2e-8 here). Three images of different means; with
+    and without the affine; the SpatialNorm's GroupNorm too."""
+    vqfast.set_backend("eager")
+    try:
+        g = torch.Generator().manual_seed(5)
+        x = make((3, 12, 33, 31), dtype, g, mean=300.0, std=0.1, channels_last=True)
+        x[1] -= 7.0
+        w, b = make((12,), dtype, g), make((12,), dtype, g)
+        for weight, bias in ((None, None), (w, b)):
+            out = vf.group_norm(x, 3, weight, bias, activation="silu")
+            ref = gn_ref(x.double().contiguous(), 3, *(None if t is None else t.double() for t in (weight, bias)), True)
+            assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+            assert (out.double() - ref).abs().max().item() <= tolerance
+        scale, shift = make((3, 12, 11, 31), dtype, g), make((3, 12, 11, 31), dtype, g)
+        out = vf.spatial_norm(x, scale, shift, 3, w, b, activation="silu")
+        ref = sn_ref(x.double().contiguous(), scale.double(), shift.double(), 3, w.double(), b.double(), True)
+        assert (out.double() - ref).abs().max().item() <= 4 * tolerance
+    finally:
+        vqfast.set_backend(None)
 
 
 @pytest.mark.parametrize("ratio", ["h=H/8", "3->5", "5->3", "7x6->33x31"])
@@ -112,13 +146,16 @@ def test_canaries(backend, poisoned_allocations):
     assert not out.isnan().any()
 
 
-def test_gradients_float64(backend):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradients_float64(backend, channels_last):
     """Backward recomputes the forward through eager ops and differentiates it: gradcheck in
-    float64 on the eager path; the kernel path (fp32 inside) must give the very same gradients."""
+    float64 on the eager path; the kernel path (fp32 inside) must give the very same gradients.
+    channels_last: the eager path's shifted statistics carry their gradients too."""
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64).to(DEVICE)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64).to(DEVICE).contiguous(memory_format=layout)
     w, b = torch.randn(2, 6, generator=g, dtype=torch.float64).to(DEVICE)
-    f = torch.randn(1, 32, 5, 4, generator=g, dtype=torch.float64).to(DEVICE)
+    f = torch.randn(1, 32, 5, 4, generator=g, dtype=torch.float64).to(DEVICE).contiguous(memory_format=layout)
     scale, shift = torch.randn(2, 1, 32, 3, 2, generator=g, dtype=torch.float64).to(DEVICE)
     gn = lambda *a: vf.group_norm(a[0], 3, a[1], a[2], activation="silu")
     sn = lambda *a: vf.spatial_norm(a[0], a[1], a[2], 32, None, None, activation="silu")
@@ -132,6 +169,8 @@ def test_gradients_float64(backend):
         expected = torch.autograd.grad(fn(*leaves), leaves, torch.ones_like(out))
         vqfast.set_backend(backend)
         assert all(torch.equal(a, e) for a, e in zip(grads, expected))
+        with torch.no_grad():  # the values do not depend on whether a gradient is recorded
+            assert torch.equal(fn(*leaves), out)
 
 
 def test_opcheck(backend):
