@@ -199,9 +199,12 @@ def _group_norm_by_channels(x: torch.Tensor, num_groups: int, weight, bias, eps:
 
 
 def _group_shift(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """(B, C, 1, 1): each group's mean over a grid of about 4096 of its pixels, per channel."""
+    """(B, C, 1, 1): each group's mean over a grid of about 256 of its pixels, per channel. A
+    shift only has to lie within a few standard deviations of the mean for nothing to cancel; 256
+    pixels of every channel put it within a tenth of one. (A 4096-pixel grid's strided sum took
+    1.3 ms of a 2.7 ms 128-channel 256x256 statistics pass; 256 pixels take 0.03.)"""
     B, C, H, W = x.shape
-    step = max(1, int((H * W / 4096) ** 0.5))
+    step = max(1, int((H * W / 256) ** 0.5))
     k = x[:, :, ::step, ::step].mean(dim=(2, 3), dtype=torch.float32).view(B, num_groups, -1).mean(dim=2)
     return k.to(x.dtype).repeat_interleave(C // num_groups, dim=1).view(B, C, 1, 1)
 
