@@ -216,12 +216,14 @@ def test_memory_grows_with_the_batch_and_stays_under_the_estimate(model_dir):
     # One call first: it builds the derived weights (folded upsample, channels_last copies on
     # CPU), which stay like the weights themselves and are no per-image working memory.
     tokens.decode_ids(model, tokens.encode_ids(model, torch.rand(1, 3, size, size) * 2 - 1))
-    for b in (1, 4):
+    # Batches 1 and 8: at this size a batch-independent term (attention's scratch, ~0.75 MB
+    # with one or two threads, more with more) is as large as four images' activations.
+    for b in (1, 8):
         x = torch.rand(b, 3, size, size) * 2 - 1
         ids = torch.randint(0, 64, (b, size // 2, size // 2))
         peaks[b] = (_peak_bytes(lambda: tokens.encode_ids(model, x)), _peak_bytes(lambda: tokens.decode_ids(model, ids)))
         assert peaks[b][0] <= b * per_image["encode"] and peaks[b][1] <= b * per_image["decode"]
-    assert peaks[4][0] > peaks[1][0] and peaks[4][1] > peaks[1][1]
+    assert peaks[8][0] > peaks[1][0] and peaks[8][1] > peaks[1][1]
 
 
 # -------------------------------------------------------------------- resume
