@@ -109,7 +109,8 @@ def _group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float) -> t
 
     On the eager path a channels_last x stays channels_last (the layout the CPU path runs its
     convolutions in): each group is first shifted by its sampled mean (_group_shift), which leaves
-    nothing to cancel. Under torch.compile: _group_norm_by_channels."""
+    nothing to cancel; fp32 and fp64 then take _shifted_statistics, 16-bit x F.group_norm. Under
+    torch.compile: _group_norm_by_channels."""
     if torch.compiler.is_compiling():
         return _group_norm_by_channels(x, num_groups, weight, bias, eps)
     if _takes_shifted_statistics(x):
