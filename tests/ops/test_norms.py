@@ -84,7 +84,7 @@ def test_large_mean_small_spread(backend, channels_last):
     three_way(out, gn_ref(x.double(), 2, w.double(), b.double(), True), gn_ref(x, 2, w, b, True))
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-6), (torch.float64, 1e-11)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 4e-6), (torch.float64, 1e-11)])
 def test_eager_channels_last_norms_take_shifted_statistics(dtype, tolerance):
     """The eager path's channels_last GroupNorm subtracts each group's sampled mean before its
     statistics and scales the difference: at mean 300, std 0.1 its fp32 error is ~1e-6 where
