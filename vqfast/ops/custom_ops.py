@@ -23,8 +23,7 @@ def _kernels():
 def norm_layout(x: Tensor) -> torch.memory_format:
     """channels_last for a 4-D channels_last x (dense in that format, not in NCHW), else
     contiguous_format."""
-    channels_last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.channels_last if reference.is_channels_last(x) else torch.contiguous_format
 
 
 def _norm_strides(x: Tensor) -> tuple[int, ...]:

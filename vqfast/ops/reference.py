@@ -120,17 +120,18 @@ def _group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float) -> t
         if bias is not None:
             centre = centre + bias.view(1, -1, 1, 1)
         return _addcmul(centre, y, rstd)
-    if _channels_last(x):
+    if is_channels_last(x):
         x = x - _group_shift(x, num_groups)
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D x dense in channels_last (and not in NCHW: a 1x1 image is both)."""
     return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _takes_shifted_statistics(x: torch.Tensor) -> bool:
-    return _channels_last(x) and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+    return is_channels_last(x) and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
 
 
 def _shifted_statistics(x: torch.Tensor, num_groups: int, eps: float):
