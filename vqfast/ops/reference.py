@@ -156,12 +156,18 @@ def _shifted_statistics(x: torch.Tensor, num_groups: int, eps: float):
         m1 = d.mean(dim=(2, 3)).view(B, num_groups, -1)
         m2 = (d * d).mean(dim=(2, 3)).view(B, num_groups, -1) - m1 * m1
         mean, var = mean + (m1 - m1.detach()), var + (m2 - m2.detach())
-    group_mean = mean.mean(dim=2, keepdim=True)
-    group_var = (var + (mean - group_mean) ** 2).mean(dim=2, keepdim=True)
+    group_mean, group_var = _group_moments(mean, var)
     rstd = torch.rsqrt(group_var + eps)
     centre = -group_mean * rstd  # d's mean is near 0 (the shift took the bulk): no cancellation
     spread = (B, num_groups, C // num_groups)
     return d, rstd.expand(spread).reshape(B, C, 1, 1), centre.expand(spread).reshape(B, C, 1, 1)
+
+
+def _group_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (B, G, C/G) means and biased variances -> the groups' (B, G, 1), by Chan's
+    rule for equal counts: the group's variance is the mean of var_c + (mean_c - mean_g)^2."""
+    group_mean = mean.mean(dim=2, keepdim=True)
+    return group_mean, (var + (mean - group_mean) ** 2).mean(dim=2, keepdim=True)
 
 
 def _addcmul(a: torch.Tensor, y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -179,11 +185,8 @@ def _group_norm_by_channels(x: torch.Tensor, num_groups: int, weight, bias, eps:
     B, C = x.shape[:2]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     var, mean = torch.var_mean(x.to(acc), dim=tuple(range(2, x.ndim)), correction=0)  # (B, C)
-    var, mean = var.view(B, num_groups, -1), mean.view(B, num_groups, -1)
-    group_mean = mean.mean(dim=2, keepdim=True)
-    # equal counts per channel: the group's variance is the mean of var_c + (mean_c - mean_g)^2
-    group_var = (var + (mean - group_mean) ** 2).mean(dim=2)
-    rstd = torch.rsqrt(group_var + eps)  # (B, G)
+    group_mean, group_var = _group_moments(mean.view(B, num_groups, -1), var.view(B, num_groups, -1))
+    rstd = torch.rsqrt(group_var.view(B, num_groups) + eps)  # (B, G)
     # Back to channels by a product with the (G, C) group indicator, which the compiler keeps as
     # a (B, C) tensor: broadcast instead, its c // CG index became a gather in every vector.
     spread = torch.kron(torch.eye(num_groups, dtype=acc, device=x.device),
