@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import Attention, Downsample2D, ResnetBlock2D, SpatialNorm, Upsample2D, conv, memory_format_of, norm_act, runs_channels_last
+from .layers import (
+    Attention, Downsample2D, ResnetBlock2D, SpatialNorm, Upsample2D, conv, hooked, memory_format_of, norm_act,
+    runs_channels_last,
+)
 
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 UP_BLOCK_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -52,9 +55,11 @@ class _Block(nn.Module):
         elif resample == "up":
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels)])
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None, overwrite: bool = False) -> torch.Tensor:
+        """``overwrite``: x, and every activation the block makes, may be written over (see
+        _Checkpointed._tower)."""
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, zq)
+            x = resnet(x, zq, overwrite=overwrite)
             if self.attentions is not None:
                 x = self.attentions[i](x, zq)
         for sampler in getattr(self, "downsamplers", None) or getattr(self, "upsamplers", None) or ():
@@ -76,11 +81,12 @@ class MidBlock(nn.Module):
             ResnetBlock2D(channels, channels, groups, EPS, act_fn, zq_channels) for _ in range(2)
         )
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.resnets[0](x, zq)
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None, overwrite: bool = False) -> torch.Tensor:
+        """``overwrite`` as in _Block.forward."""
+        x = self.resnets[0](x, zq, overwrite=overwrite)
         if self.attentions[0] is not None:
             x = self.attentions[0](x, zq)
-        return self.resnets[1](x, zq)
+        return self.resnets[1](x, zq, overwrite=overwrite)
 
 
 class _Checkpointed(nn.Module):
@@ -93,21 +99,25 @@ class _Checkpointed(nn.Module):
         super().__init__()
         self.gradient_checkpointing = False
 
-    def _run(self, block: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, block: nn.Module, *args: torch.Tensor | None, overwrite: bool) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(block, *args)
-        return block(*args)
+        return block(*args, overwrite=overwrite)
 
     def _tower(self, x: torch.Tensor, zq: torch.Tensor | None, blocks) -> torch.Tensor:
         """conv_in, the blocks, the output norm and conv_out; channels_last inside where
-        runs_channels_last says so, handing back x's layout."""
+        runs_channels_last says so, handing back x's layout.
+
+        From conv_in on, x is the tower's own, so each block may write over its input (see
+        ResnetBlock2D): unless a hook could have kept one of the activations."""
         layout, inside_cl = memory_format_of(x), runs_channels_last(self, x)
         if inside_cl:
             x = x.contiguous(memory_format=torch.channels_last)
         x = conv(self.conv_in, x)
+        own = not any(hooked(m) for m in self.modules())
         for block in blocks:
-            x = self._run(block, x) if zq is None else self._run(block, x, zq)
-        x = norm_act(self.conv_norm_out, x, zq, self.conv_act)
+            x = self._run(block, x, overwrite=own) if zq is None else self._run(block, x, zq, overwrite=own)
+        x = norm_act(self.conv_norm_out, x, zq, self.conv_act, overwrite=own)
         out = conv(self.conv_out, x)
         return out.contiguous(memory_format=layout) if inside_cl else out
 

@@ -107,15 +107,21 @@ def group_norm(
     bias: torch.Tensor | None = None,
     eps: float = 1e-6,
     activation: str | None = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """GroupNorm over x (B, C, H, W) or (B, C, L), then SiLU when ``activation == "silu"``.
-    Output in x's dtype and memory format; statistics in fp32."""
+    Output in x's dtype and memory format; statistics in fp32.
+
+    ``overwrite=True`` gives x up: its memory may be reused for the result (the eager CPU path
+    then makes no new full-size tensor), so x holds garbage afterwards. Pass it only for a
+    tensor nothing else reads again. Ignored where autograd records x, under torch.compile, and
+    on the Triton path."""
     _check_activation(activation)
     _check_norm(x, num_groups, "x")
     silu = activation == "silu"
     if not _plain_ops(x):
         return custom_ops.group_norm(x, num_groups, weight, bias, float(eps), silu, use_triton(x.device))
-    return custom_ops.in_norm_layout(reference.group_norm(x, num_groups, weight, bias, float(eps), silu), x)
+    return custom_ops.in_norm_layout(reference.group_norm(x, num_groups, weight, bias, float(eps), silu, overwrite), x)
 
 
 def spatial_norm(
@@ -127,8 +133,10 @@ def spatial_norm(
     bias: torch.Tensor | None,
     eps: float = 1e-6,
     activation: str | None = None,
+    overwrite: bool = False,
 ) -> torch.Tensor:
-    """GroupNorm(f) * up(scale) + up(shift), then SiLU when asked.
+    """GroupNorm(f) * up(scale) + up(shift), then SiLU when asked. ``overwrite``: f may be
+    reused for the result, as in :func:`group_norm`.
 
     f: (B, C, H, W). scale, shift: (B, C, h, w), conv_y(zq) and conv_b(zq) at the latent
     resolution; ``up`` is PyTorch's nearest resize to (H, W) (what diffusers' upsampling of zq
@@ -145,5 +153,5 @@ def spatial_norm(
     if not _plain_ops(f):
         return custom_ops.spatial_norm(f, scale, shift, num_groups, weight, bias, float(eps), silu, use_triton(f.device))
     return custom_ops.in_norm_layout(
-        reference.spatial_norm(f, scale, shift, num_groups, weight, bias, float(eps), silu), f
+        reference.spatial_norm(f, scale, shift, num_groups, weight, bias, float(eps), silu, overwrite), f
     )

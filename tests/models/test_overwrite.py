@@ -1,0 +1,145 @@
+"""The eager CPU path writes over the towers' own activations, never over a caller's tensor.
+
+A new full-size tensor costs its page faults on first touch, so the towers hand their own
+activations to the next op to write into (``overwrite``): ResnetBlock2D sums conv2 into its
+input, the norms shift their input in place. Every such write must give the same values as a
+new tensor would, and only where the caller gave the tensor up."""
+
+import copy
+
+import pytest
+import torch
+from conftest import images, make_pair, randomize, rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vqfast import functional as vf
+from vqfast.models.layers import ResnetBlock2D
+
+CL = torch.channels_last
+
+
+class NewTensors(TorchDispatchMode):
+    """The distinct storages of the 4-D tensors of one shape that ops return inside it (kept
+    alive, so a freed storage cannot come back under a new tensor)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.kept = torch.Size(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.shape == self.shape:
+                self.kept.append(t)
+        return out
+
+    def storages(self):
+        return {t.untyped_storage().data_ptr() for t in self.kept}
+
+
+def block(in_channels: int, out_channels: int, spatial: bool) -> ResnetBlock2D:
+    b = ResnetBlock2D(in_channels, out_channels, 8, 1e-6, "silu", zq_channels=4 if spatial else None)
+    return randomize(b).eval()
+
+
+@pytest.mark.parametrize("spatial", [False, True], ids=["group_norm", "spatial_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["channels_last", "nchw"])
+def test_resnet_block_overwrite_gives_the_same_values_and_only_then_writes_its_input(spatial, dtype, layout):
+    b = block(32, 32, spatial).to(dtype)  # SpatialNorm has 32 groups
+    x = (3 + images(2, 12, channels=32)).to(dtype).contiguous(memory_format=layout)
+    zq = images(2, 3, seed=2, channels=4).to(dtype) if spatial else None
+    before = x.clone()
+    with torch.no_grad():
+        out = b(x, zq)
+        assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()  # a plain call: x untouched
+        given_up = b(x.clone(memory_format=torch.preserve_format), zq, overwrite=True)
+    assert torch.equal(given_up, out)
+    assert given_up.is_contiguous(memory_format=layout)
+
+
+def test_resnet_block_sums_into_its_input_on_the_eager_cpu_path():
+    """fp32 channels_last: conv2 adds the residual into x (oneDNN's in-place sum) and norm2
+    shifts conv1's output in place, so the block makes two full-size tensors (norm1's output and
+    conv1's), where it made four; with a 1x1 shortcut the sum goes into the shortcut's output
+    (then conv1's and the shortcut's are the two: norm1's has the input's channels)."""
+    for channels_in in (16, 8):
+        b = block(channels_in, 16, spatial=False)
+        x = (3 + images(2, 12, channels=channels_in)).contiguous(memory_format=CL)
+        with torch.no_grad():
+            ref = b(x)
+            with NewTensors((2, 16, 12, 12)) as new:
+                out = b(x, overwrite=True)
+        assert torch.equal(out, ref)
+        if channels_in == 16:
+            assert out.data_ptr() == x.data_ptr()
+        storages = new.storages() - {x.untyped_storage().data_ptr()}
+        assert len(storages) == 2, len(storages)
+
+
+def test_overwrite_is_ignored_where_autograd_records():
+    b = block(16, 16, spatial=False)
+    x = (3 + images(2, 12, channels=16)).contiguous(memory_format=CL).requires_grad_()
+    before = x.detach().clone()
+    out = b(x, overwrite=True)
+    assert torch.equal(x.detach(), before)
+    grads = torch.autograd.grad(out.square().sum(), [x, *b.parameters()])
+    ref_grads = torch.autograd.grad(b(x).square().sum(), [x, *b.parameters()])
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_ops_overwrite(dtype):
+    """vf.group_norm / vf.spatial_norm with overwrite=True: the same values; on the eager path a
+    channels_last fp32 input holds the result (no new full-size tensor)."""
+    g = torch.Generator().manual_seed(0)
+    x = (300 + 0.1 * torch.randn(2, 32, 16, 16, generator=g)).to(dtype).contiguous(memory_format=CL)
+    w, bias = 1 + 0.2 * torch.randn(32, generator=g), 0.1 * torch.randn(32, generator=g)
+    scale, shift = torch.randn(2, 32, 4, 4, generator=g), torch.randn(2, 32, 4, 4, generator=g)
+    calls = {
+        "group_norm": lambda t, o: vf.group_norm(t, 8, w.to(dtype), bias.to(dtype), 1e-6, "silu", overwrite=o),
+        "spatial_norm": lambda t, o: vf.spatial_norm(t, scale, shift, 8, w.to(dtype), bias.to(dtype), 1e-6, "silu", overwrite=o),
+    }
+    for name, call in calls.items():
+        ref = call(x, False)
+        given = x.clone(memory_format=torch.preserve_format)
+        out = call(given, True)
+        assert torch.equal(out, ref), name
+        assert (out.data_ptr() == given.data_ptr()) == (dtype == torch.float32), name
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["channels_last", "nchw"])
+def test_model_never_writes_the_callers_tensors(layout):
+    """The towers write over their own activations only: the images and latents a caller passes
+    (already channels_last, so that the tower's layout change returns the caller's own tensor)
+    come back unchanged, and every output is what a fresh model gives."""
+    _, ours = make_pair("movq")
+    x = images(2, 16).contiguous(memory_format=layout)
+    with torch.no_grad():
+        latents = ours.encode(x).latents.contiguous(memory_format=layout)
+        inputs = (x.clone(), latents.clone())
+        out = ours(x).sample
+        decoded = ours.decode(latents).sample
+        fresh = copy.deepcopy(ours)
+        assert torch.equal(fresh(x).sample, out) and torch.equal(fresh.decode(latents).sample, decoded)
+    assert torch.equal(x, inputs[0]) and torch.equal(latents, inputs[1])
+
+
+def test_what_hooks_keep_is_never_written_over():
+    """A forward hook may keep any module's output (feature extraction): with hooks on every
+    module, what each keeps after a whole forward pass equals what diffusers' model keeps (the
+    convolutions' hooks run too). A hook anywhere in a tower turns its writes over off."""
+    theirs, ours = make_pair("movq")
+    x = images(2, 16)
+    kept = {}
+    for tag, model in (("theirs", theirs), ("ours", ours)):
+        kept[tag] = {}
+        for name, module in model.named_modules():
+            if name.startswith(("encoder.", "decoder.")) and name.count(".") > 1:
+                module.register_forward_hook(lambda m, args, out, name=name, d=kept[tag]: d.__setitem__(name, out))
+        with torch.no_grad():
+            model(x)
+    common = kept["theirs"].keys() & kept["ours"].keys()
+    assert "encoder.down_blocks.0.resnets.0.conv1" in common and "decoder.up_blocks.3.resnets.0" in common
+    worst = max(rel_err(kept["ours"][n], kept["theirs"][n]) for n in common)
+    assert worst < 1e-4, worst
