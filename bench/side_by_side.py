@@ -5,6 +5,10 @@ separate processes (``vqfast bench``) do not on a shared CPU.
     python bench/side_by_side.py decode --rounds 5     # writes bench/results/side-by-side-<date>-decode.json
     python bench/side_by_side.py encode --dtype bfloat16   # ...-encode-bfloat16.json
 
+Each round runs the four once, starting from a different one each round (so no variant always
+follows the same one: what the previous call freed changes what the next one's allocations
+cost). A ratio is the median over rounds of the two variants' times in that round, which cancels
+the machine's drift across rounds; the quartiles of those per-round ratios show the spread.
 Prints each variant's error against diffusers and its median time, and the ratios; the JSON keeps
 every run's time with the machine, versions and date.
 """
@@ -51,24 +55,33 @@ def main() -> None:
         outs = {k: f() for k, f in fns.items()}  # compiles the compiled two
         ref = outs["diffusers"]
         errors = {k: ((o.float() - ref.float()).abs().max() / ref.float().abs().max()).item() for k, o in outs.items()}
-        for _ in range(args.rounds):
-            for k, f in fns.items():
+        for f in fns.values():  # a warm round: first calls after compiling
+            f()
+        order = list(fns)
+        for r in range(args.rounds):
+            for k in order[r % 4:] + order[: r % 4]:
                 t = time.perf_counter()
-                f()
+                fns[k]()
                 times[k].append(time.perf_counter() - t)
     median = {k: statistics.median(v) for k, v in times.items()}
     for k in fns:
         runs = " ".join(f"{t:.2f}" for t in times[k])
         print(f"{args.kind} {k}: {median[k]:.3f} s (runs {runs}), error vs diffusers {errors[k]:.1e}")
-    ratios = {f"{a} vs {b}": median[b] / median[a] for a, b in PAIRS}
+    ratios, quartiles = {}, {}
+    for a, b in PAIRS:
+        per_round = [tb / ta for ta, tb in zip(times[a], times[b])]
+        ratios[f"{a} vs {b}"] = statistics.median(per_round)
+        quartiles[f"{a} vs {b}"] = statistics.quantiles(per_round, n=4)[::2] if len(per_round) > 1 else per_round * 2
     for name, r in ratios.items():
-        print(f"{args.kind} {name}: {r:.2f}x")
+        q = quartiles[name]
+        print(f"{args.kind} {name}: {r:.2f}x (per-round quartiles {q[0]:.2f}x to {q[1]:.2f}x)")
     env = environment("cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
     path = args.out / f"side-by-side-{env['date'][:10]}-{args.kind}{suffix}.json"
     path.write_text(json.dumps({**env, "kind": args.kind, "case": f"movq batch 1 256x256 {args.dtype}",
-                                "times_s": times, "errors_vs_diffusers": errors, "ratios": ratios}, indent=1))
+                                "times_s": times, "errors_vs_diffusers": errors, "ratios": ratios,
+                                "ratio_quartiles": quartiles, "order": "rotated each round"}, indent=1))
     print("wrote", path)
 
 
