@@ -143,3 +143,19 @@ def test_what_hooks_keep_is_never_written_over():
     assert "encoder.down_blocks.0.resnets.0.conv1" in common and "decoder.up_blocks.3.resnets.0" in common
     worst = max(rel_err(kept["ours"][n], kept["theirs"][n]) for n in common)
     assert worst < 1e-4, worst
+
+
+def test_hooked_sees_every_kind_of_hook():
+    """The test nn.Module.__call__ makes before running hooks: the module's own forward and
+    backward hooks and the global ones."""
+    from vqfast.models.layers import hooked
+
+    m = torch.nn.Conv2d(2, 2, 1)
+    assert not hooked(m)
+    for register in (m.register_forward_hook, m.register_forward_pre_hook, m.register_full_backward_hook,
+                     torch.nn.modules.module.register_module_forward_hook,
+                     torch.nn.modules.module.register_module_forward_pre_hook):
+        handle = register(lambda *args: None)
+        assert hooked(m), register
+        handle.remove()
+        assert not hooked(m), register

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import _has_any_global_hook
+from torch.nn.modules import module as _nn_module
 
 from ..ops import functional as vf
 from ..ops.derived import derived
@@ -202,12 +202,18 @@ class ResnetBlock2D(nn.Module):
         return conv_add(self.conv2, h, x, overwrite)
 
 
+#: What nn.Module.__call__ checks before it runs hooks: the module's own dicts and the global
+#: ones (private names of torch.nn.modules.module, read with a default so a rename cannot break us).
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
 def hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs hooks, its own or global ones (nn.Module.__call__'s test):
-    what such a module returns may be kept by a hook, so nothing writes over it."""
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or module._backward_pre_hooks or _has_any_global_hook()
+    """Whether calling ``module`` runs hooks, its own or global ones: what such a module returns
+    may be kept by a hook, so nothing writes over it."""
+    return any(getattr(module, name, None) for name in _HOOKS) or any(
+        getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS
     )
 
 
