@@ -19,22 +19,22 @@ CL = torch.channels_last
 
 
 class NewTensors(TorchDispatchMode):
-    """The distinct storages of the 4-D tensors of one shape that ops return inside it (kept
-    alive, so a freed storage cannot come back under a new tensor)."""
+    """The distinct storages of the tensors that ops return inside it, by shape (kept alive, so
+    a freed storage cannot come back under a new tensor)."""
 
-    def __init__(self, shape):
+    def __init__(self):
         super().__init__()
-        self.shape, self.kept = torch.Size(shape), []
+        self.kept = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.shape == self.shape:
-                self.kept.append(t)
+        self.kept += [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
         return out
 
-    def storages(self):
-        return {t.untyped_storage().data_ptr() for t in self.kept}
+    def storages(self, shape, besides: torch.Tensor):
+        """Storages of tensors shaped ``shape`` other than that of ``besides``."""
+        found = {t.untyped_storage().data_ptr() for t in self.kept if t.shape == shape}
+        return found - {besides.untyped_storage().data_ptr()}
 
 
 def block(in_channels: int, out_channels: int, spatial: bool) -> ResnetBlock2D:
@@ -61,20 +61,22 @@ def test_resnet_block_overwrite_gives_the_same_values_and_only_then_writes_its_i
 def test_resnet_block_sums_into_its_input_on_the_eager_cpu_path():
     """fp32 channels_last: conv2 adds the residual into x (oneDNN's in-place sum) and norm2
     shifts conv1's output in place, so the block makes two full-size tensors (norm1's output and
-    conv1's), where it made four; with a 1x1 shortcut the sum goes into the shortcut's output
-    (then conv1's and the shortcut's are the two: norm1's has the input's channels)."""
+    conv1's), where it made four. With a 1x1 shortcut the shortcut runs first, norm1 then works
+    in x's memory and the sum goes into the shortcut's output: conv1's and the shortcut's are
+    the two, and nothing of x's shape is made."""
     for channels_in in (16, 8):
         b = block(channels_in, 16, spatial=False)
         x = (3 + images(2, 12, channels=channels_in)).contiguous(memory_format=CL)
         with torch.no_grad():
             ref = b(x)
-            with NewTensors((2, 16, 12, 12)) as new:
+            with NewTensors() as new:
                 out = b(x, overwrite=True)
         assert torch.equal(out, ref)
+        assert len(new.storages((2, 16, 12, 12), besides=x)) == 2
         if channels_in == 16:
             assert out.data_ptr() == x.data_ptr()
-        storages = new.storages() - {x.untyped_storage().data_ptr()}
-        assert len(storages) == 2, len(storages)
+        else:
+            assert not new.storages(x.shape, besides=x)
 
 
 def test_overwrite_is_ignored_where_autograd_records():

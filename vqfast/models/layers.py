@@ -192,14 +192,17 @@ class ResnetBlock2D(nn.Module):
         ``overwrite``: the caller gives x up, so the sum may be written into it (the towers
         pass their own activations; a plain call leaves x alone)."""
         zq = zq if zq is not None else temb
-        h = norm_act(self.norm1, x, zq, self.nonlinearity)
+        if self.conv_shortcut is None:
+            residual = x
+            h = norm_act(self.norm1, x, zq, self.nonlinearity)
+        else:  # the shortcut first: then norm1 may take x's memory (the decoder's 64 MiB upsampled one)
+            residual = conv(self.conv_shortcut, x)
+            h = norm_act(self.norm1, x, zq, self.nonlinearity, overwrite=overwrite)
+            overwrite = not hooked(self.conv_shortcut)  # the sum may go into the shortcut's output
         h = conv(self.conv1, h)
         # h is this block's own, seen by no one else unless conv1 runs hooks (conv())
         h = norm_act(self.norm2, h, zq, self.nonlinearity, overwrite=not hooked(self.conv1))
-        h = self.dropout(h)
-        if self.conv_shortcut is not None:
-            return conv_add(self.conv2, h, conv(self.conv_shortcut, x), overwrite=not hooked(self.conv_shortcut))
-        return conv_add(self.conv2, h, x, overwrite)
+        return conv_add(self.conv2, self.dropout(h), residual, overwrite)
 
 
 #: What nn.Module.__call__ checks before it runs hooks: the module's own dicts and the global
