@@ -13,7 +13,7 @@ from conftest import images, make_pair, randomize, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vqfast import functional as vf
-from vqfast.models.layers import ResnetBlock2D
+from vqfast.models.layers import _X86_ONEDNN, ResnetBlock2D
 
 CL = torch.channels_last
 
@@ -58,6 +58,7 @@ def test_resnet_block_overwrite_gives_the_same_values_and_only_then_writes_its_i
     assert given_up.is_contiguous(memory_format=layout)
 
 
+@pytest.mark.skipif(not _X86_ONEDNN, reason="oneDNN's in-place convolution-plus-sum is used on x86-64 CPUs only")
 def test_resnet_block_sums_into_its_input_on_the_eager_cpu_path():
     """fp32 channels_last: conv2 adds the residual into x (oneDNN's in-place sum) and norm2
     shifts conv1's output in place, so the block makes two full-size tensors (norm1's output and

@@ -7,6 +7,8 @@ slot in there without touching the module tree.
 
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -261,14 +263,19 @@ def conv_add(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor, overwri
     return y.add_(residual)  # y is ours: no third full-size tensor
 
 
+#: oneDNN's in-place convolution-plus-sum is an x86-64 oneDNN op here (tested there; on ARM
+#: PyTorch's oneDNN goes through the Arm Compute Library, where it is not checked).
+_X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _fuses_residual(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> bool:
     """Whether conv_add may run oneDNN's in-place convolution-plus-sum: a plain zero-padded
-    Conv2d without hooks on the eager CPU channels_last path (where conv() runs oneDNN), fp32 (the
-    op's 16-bit forms round the sum once, not twice as the unfused path does; float64 it lacks),
-    no gradient to record (the op has no autograd formula)."""
+    Conv2d without hooks on the eager CPU channels_last path (where conv() runs oneDNN) of an
+    x86-64 CPU, fp32 (the op's 16-bit forms round the sum once, not twice as the unfused path
+    does; float64 it lacks), no gradient to record (the op has no autograd formula)."""
     params = [module.weight] if module.bias is None else [module.weight, module.bias]
     return (
-        _eager_cpu_channels_last(x) and memory_format_of(residual) == torch.channels_last
+        _X86_ONEDNN and _eager_cpu_channels_last(x) and memory_format_of(residual) == torch.channels_last
         and x.dtype == residual.dtype == torch.float32 and torch.backends.mkldnn.is_available()
         and type(module) is nn.Conv2d and not hooked(module) and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
