@@ -17,6 +17,7 @@ from torch.nn.modules import module as _nn_module
 from ..ops import functional as vf
 from ..ops.derived import derived
 from ..ops.dispatch import use_triton
+from ..ops.reference import is_channels_last
 
 ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -223,8 +224,7 @@ def hooked(module: nn.Module) -> bool:
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 def _channels_last(w: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .blocks import Decoder, Encoder
 from .config import FrozenConfig, init_args_from_config
-from .layers import ACTIVATIONS, Attention, SpatialNorm, Upsample2D
+from .layers import ACTIVATIONS, Attention, SpatialNorm, Upsample2D, memory_format_of
 from .outputs import DecoderOutput, VQEncoderOutput
 from .quantizer import VectorQuantizer
 
@@ -201,11 +201,7 @@ class VQModel(nn.Module):
         for size in [base + 1] * extra + [base] * (count - extra):
             y = run(x[start : start + size])
             if out is None:
-                channels_last = y.dim() == 4 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
-                out = torch.empty(
-                    (batch, *y.shape[1:]), dtype=y.dtype, device=y.device,
-                    memory_format=torch.channels_last if channels_last else torch.contiguous_format,
-                )
+                out = torch.empty((batch, *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=memory_format_of(y))
             out[start : start + size] = y
             start += size
         return out
