@@ -59,7 +59,8 @@ def test_channels_last_model_stays_channels_last(use_backend, backend, name):
     assert out.is_contiguous(memory_format=CL)
     # Every activation an op makes (views aside) is channels_last: no layout copies. The one
     # exception is the quantizer's latent-sized work (its eager search runs on (N, D) rows, and
-    # z_q is made contiguous as diffusers makes it).
+    # z_q is made contiguous as diffusers makes it). A write into a slice of a channels_last
+    # tensor (Downsample2D assembling its output) is no layout copy either.
     copies = [
         (str(func), tuple(t.shape))
         for func, outs in rec.ops
@@ -68,6 +69,7 @@ def test_channels_last_model_stays_channels_last(use_backend, backend, name):
                                              "aten::select", "aten::slice"))
         for t in outs
         if t.shape[0] == 2 and t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1 and not t.is_contiguous(memory_format=CL)
+        and not (t._is_view() and t._base.is_contiguous(memory_format=CL))
     ]
     latent_size = latents.numel()
     assert all(math.prod(shape) == latent_size for _, shape in copies), copies

@@ -1,9 +1,10 @@
 """The eager CPU path writes over the towers' own activations, never over a caller's tensor.
 
 A new full-size tensor costs its page faults on first touch, so the towers hand their own
-activations to the next op to write into (``overwrite``): ResnetBlock2D sums conv2 into its
-input, the norms shift their input in place. Every such write must give the same values as a
-new tensor would, and only where the caller gave the tensor up."""
+activations to the next op to write into (``overwrite``, ``into``): ResnetBlock2D sums conv2
+into its input, the norms shift their input in place, a block's later resnets write into its
+earlier ones' dead tensors (Spare), Downsample2D makes no padded copy. Every such write must give
+the same values as a new tensor would, and only where the caller gave the tensor up."""
 
 import copy
 
@@ -13,7 +14,8 @@ from conftest import images, make_pair, randomize, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vqfast import functional as vf
-from vqfast.models.layers import _X86_ONEDNN, ResnetBlock2D
+from vqfast.models.blocks import _Block
+from vqfast.models.layers import _X86_ONEDNN, Downsample2D, ResnetBlock2D, _downsample_unpadded
 
 CL = torch.channels_last
 
@@ -92,23 +94,40 @@ def test_overwrite_is_ignored_where_autograd_records():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_norm_ops_overwrite(dtype):
-    """vf.group_norm / vf.spatial_norm with overwrite=True: the same values; on the eager path a
-    channels_last fp32 input holds the result (no new full-size tensor)."""
+def test_norm_ops_write_into_what_they_are_given(dtype):
+    """vf.group_norm / vf.spatial_norm with ``into`` (x itself, or a spare tensor like x): the
+    same values; on the eager path a channels_last fp32 result lies in the given memory (no new
+    full-size tensor), and a spare leaves x alone."""
     g = torch.Generator().manual_seed(0)
     x = (300 + 0.1 * torch.randn(2, 32, 16, 16, generator=g)).to(dtype).contiguous(memory_format=CL)
     w, bias = 1 + 0.2 * torch.randn(32, generator=g), 0.1 * torch.randn(32, generator=g)
     scale, shift = torch.randn(2, 32, 4, 4, generator=g), torch.randn(2, 32, 4, 4, generator=g)
     calls = {
-        "group_norm": lambda t, o: vf.group_norm(t, 8, w.to(dtype), bias.to(dtype), 1e-6, "silu", overwrite=o),
-        "spatial_norm": lambda t, o: vf.spatial_norm(t, scale, shift, 8, w.to(dtype), bias.to(dtype), 1e-6, "silu", overwrite=o),
+        "group_norm": lambda t, into: vf.group_norm(t, 8, w.to(dtype), bias.to(dtype), 1e-6, "silu", into=into),
+        "spatial_norm": lambda t, into: vf.spatial_norm(t, scale, shift, 8, w.to(dtype), bias.to(dtype), 1e-6, "silu", into=into),
     }
     for name, call in calls.items():
-        ref = call(x, False)
+        ref = call(x, None)
         given = x.clone(memory_format=torch.preserve_format)
-        out = call(given, True)
+        out = call(given, given)
         assert torch.equal(out, ref), name
         assert (out.data_ptr() == given.data_ptr()) == (dtype == torch.float32), name
+        spare, before = torch.full_like(x, float("nan")), x.clone()
+        out = call(x, spare)
+        assert torch.equal(out, ref) and torch.equal(x, before), name
+        assert (out.data_ptr() == spare.data_ptr()) == (dtype == torch.float32), name
+
+
+def test_into_must_be_like_x():
+    x = images(1, 8, channels=16).contiguous(memory_format=CL)
+    for wrong in (torch.zeros(1, 16, 8, 8), torch.zeros(1, 16, 8, 9).contiguous(memory_format=CL),
+                  x.double()):
+        with pytest.raises(ValueError, match="into must be x or a tensor of x's shape, strides, dtype and device"):
+            vf.group_norm(x, 8, into=wrong)
+        with pytest.raises(ValueError, match="into must be f or a tensor of f's shape"):
+            vf.spatial_norm(x, x[:, :, :2, :2], x[:, :, :2, :2], 8, None, None, into=wrong)
+    spare = torch.empty_like(x).as_strided(x.shape, (7,) + x.stride()[1:])  # batch 1: dim 0's stride says nothing
+    assert torch.equal(vf.group_norm(x, 8, into=spare), vf.group_norm(x, 8))
 
 
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["channels_last", "nchw"])
@@ -162,3 +181,54 @@ def test_hooked_sees_every_kind_of_hook():
         assert hooked(m), register
         handle.remove()
         assert not hooked(m), register
+
+
+@pytest.mark.parametrize("size", [(3, 3), (4, 4), (7, 10), (12, 9), (16, 16), (33, 6)])
+def test_downsample_without_the_padded_copy(size):
+    """_downsample_unpadded gives conv(pad(x)): the zero row and column reach only the last
+    output row and column, for even sizes; odd ones need no edge (fp32, both layouts of weight)."""
+    d = randomize(Downsample2D(16)).eval()
+    x = (3 + torch.randn(2, 16, *size, generator=torch.Generator().manual_seed(1))).contiguous(memory_format=CL)
+    with torch.no_grad():
+        ref = d.conv(torch.nn.functional.pad(x, (0, 1, 0, 1)))
+        out = _downsample_unpadded(d.conv, x)
+        assert out.shape == ref.shape and out.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(d(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_downsample_with_hooks_sees_the_padded_input():
+    d = randomize(Downsample2D(8)).eval()
+    seen = []
+    d.conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    with torch.no_grad():
+        d(images(1, 8, channels=8).contiguous(memory_format=CL))
+    assert seen == [torch.Size([1, 8, 9, 9])]
+
+
+@pytest.mark.skipif(not _X86_ONEDNN, reason="oneDNN's in-place convolution-plus-sum is used on x86-64 CPUs only")
+@pytest.mark.parametrize("spatial", [False, True], ids=["group_norm", "spatial_norm"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_blocks_later_resnets_write_into_the_earlier_ones_dead_tensors(spatial, batch):
+    """A three-resnet block given its input (fp32 channels_last, no gradient): the same output as
+    a plain call, and four full-size tensors made in all: the first resnet makes two (norm1's and
+    conv1's outputs), each later one only conv1's, its norm1 writing into a dead tensor of the one
+    before. (At batch 1 the ops' tensors disagree on the size-1 batch dimension's stride, which
+    says nothing.) Under autograd the block keeps no spare and its gradients are those of a plain
+    call."""
+    blk = randomize(_Block(32, 32, 3, 8, "silu", attention=False, zq_channels=4 if spatial else None,
+                           resample=None)).eval()
+    x = (3 + images(batch, 12, channels=32)).contiguous(memory_format=CL)
+    zq = images(batch, 3, seed=2, channels=4) if spatial else None
+    with torch.no_grad():
+        ref = blk(x, zq)
+        given = x.clone(memory_format=torch.preserve_format)
+        with NewTensors() as new:
+            out = blk(given, zq, overwrite=True)
+    assert torch.equal(out, ref)
+    assert len(new.storages(x.shape, besides=given)) == 4
+    leaf = x.clone().requires_grad_()
+    out = blk(leaf.clone(memory_format=torch.preserve_format), zq, overwrite=True)
+    grads = torch.autograd.grad(out.square().sum(), [leaf, *blk.parameters()])
+    ref_grads = torch.autograd.grad(blk(leaf, zq).square().sum(), [leaf, *blk.parameters()])
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))

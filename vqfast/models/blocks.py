@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .layers import (
-    Attention, Downsample2D, ResnetBlock2D, SpatialNorm, Upsample2D, conv, hooked, memory_format_of, norm_act,
+    Attention, Downsample2D, ResnetBlock2D, SpatialNorm, Spare, Upsample2D, conv, hooked, memory_format_of, norm_act,
     runs_channels_last,
 )
 
@@ -57,11 +57,13 @@ class _Block(nn.Module):
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None, overwrite: bool = False) -> torch.Tensor:
         """``overwrite``: x, and every activation the block makes, may be written over (see
-        _Checkpointed._tower)."""
+        _Checkpointed._tower); the resnets then pass a dead activation on (Spare)."""
+        spare = Spare.for_block(overwrite)
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, zq, overwrite=overwrite)
+            x = resnet(x, zq, overwrite=overwrite, spare=spare)
             if self.attentions is not None:
                 x = self.attentions[i](x, zq)
+        del spare  # before the resampler, whose tensors are of other sizes: the peak stays
         for sampler in getattr(self, "downsamplers", None) or getattr(self, "upsamplers", None) or ():
             x = sampler(x)
         return x
@@ -83,10 +85,11 @@ class MidBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None, overwrite: bool = False) -> torch.Tensor:
         """``overwrite`` as in _Block.forward."""
-        x = self.resnets[0](x, zq, overwrite=overwrite)
+        spare = Spare.for_block(overwrite)
+        x = self.resnets[0](x, zq, overwrite=overwrite, spare=spare)
         if self.attentions[0] is not None:
             x = self.attentions[0](x, zq)
-        return self.resnets[1](x, zq, overwrite=overwrite)
+        return self.resnets[1](x, zq, overwrite=overwrite, spare=spare)
 
 
 class _Checkpointed(nn.Module):
@@ -117,7 +120,7 @@ class _Checkpointed(nn.Module):
         own = not any(hooked(m) for m in self.modules())
         for block in blocks:
             x = self._run(block, x, overwrite=own) if zq is None else self._run(block, x, zq, overwrite=own)
-        x = norm_act(self.conv_norm_out, x, zq, self.conv_act, overwrite=own)
+        x = norm_act(self.conv_norm_out, x, zq, self.conv_act, into=x if own else None)
         out = conv(self.conv_out, x)
         return out.contiguous(memory_format=layout) if inside_cl else out
 

@@ -50,15 +50,16 @@ class SpatialNorm(nn.Module):
         self.conv_b = nn.Conv2d(zq_channels, f_channels, kernel_size=1, stride=1, padding=0)
         self.exact = False
 
-    def forward(self, f: torch.Tensor, zq: torch.Tensor, activation: str | None = None, overwrite: bool = False) -> torch.Tensor:
-        """``overwrite``: f may be reused for the result (vqfast.functional.group_norm)."""
+    def forward(self, f: torch.Tensor, zq: torch.Tensor, activation: str | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+        """``into``: f, or a dead tensor like f, whose memory may take the result
+        (vqfast.functional.group_norm)."""
         n = self.norm_layer
         if getattr(self, "exact", False):  # diffusers' own module, patched, has no flag
             up = lambda t: F.interpolate(t, size=f.shape[-2:], mode="nearest")  # noqa: E731
             y = n(f) * up(self.conv_y(zq)) + up(self.conv_b(zq))
             return F.silu(y) if activation == "silu" else y
         scale, shift = spatial_maps(self, zq, f)
-        return vf.spatial_norm(f, scale, shift, n.num_groups, None, None, n.eps, activation, overwrite)
+        return vf.spatial_norm(f, scale, shift, n.num_groups, None, None, n.eps, activation, into)
 
 
 def _folded_map_weights(wy, by, wb, bb, weight, bias) -> tuple[torch.Tensor, ...]:
@@ -139,19 +140,20 @@ def spatial_maps(norm: nn.Module, zq: torch.Tensor, like: torch.Tensor) -> tuple
 
 
 def norm_act(
-    norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, act: nn.Module | None, overwrite: bool = False
+    norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, act: nn.Module | None, into: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``act(norm(x))`` for a GroupNorm or a SpatialNorm, fusing the activation when it is SiLU.
     A GroupNorm marked ``exact`` (VQModel.exact) runs as the plain module, in PyTorch's kernel
-    for x's layout, as diffusers runs it. ``overwrite``: x may be reused for the result."""
+    for x's layout, as diffusers runs it. ``into``: x, or a dead tensor like x, whose memory may
+    take the result (vqfast.functional.group_norm)."""
     fused = _fused_name(act)
     if getattr(norm, "exact", False) and isinstance(norm, nn.GroupNorm):
         y = norm(x)
         return y if act is None else act(y)
     if hasattr(norm, "conv_y"):  # a SpatialNorm: ours, or diffusers' patched by vqfast.patch
-        y = SpatialNorm.forward(norm, x, zq, activation=fused, overwrite=overwrite)
+        y = SpatialNorm.forward(norm, x, zq, activation=fused, into=into)
     else:
-        y = vf.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=fused, overwrite=overwrite)
+        y = vf.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=fused, into=into)
     return y if act is None or fused else act(y)
 
 
@@ -189,23 +191,74 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(
-        self, x: torch.Tensor, zq: torch.Tensor | None = None, *_, temb: torch.Tensor | None = None, overwrite: bool = False
+        self, x: torch.Tensor, zq: torch.Tensor | None = None, *_, temb: torch.Tensor | None = None,
+        overwrite: bool = False, spare: Spare | None = None,
     ) -> torch.Tensor:
         """x: (B, C, H, W); zq (diffusers calls it temb): the quantized latents, for SpatialNorm.
         ``overwrite``: the caller gives x up, so the sum may be written into it (the towers
-        pass their own activations; a plain call leaves x alone)."""
+        pass their own activations; a plain call leaves x alone). ``spare``: the dead
+        activation of the block's previous resnet (see Spare), which norm1 may write into; this
+        block's own goes there once dead."""
         zq = zq if zq is not None else temb
         if self.conv_shortcut is None:
             residual = x
-            h = norm_act(self.norm1, x, zq, self.nonlinearity)
+            h = norm_act(self.norm1, x, zq, self.nonlinearity, into=spare.take(x) if spare else None)
         else:  # the shortcut first: then norm1 may take x's memory (the decoder's 64 MiB upsampled one)
             residual = conv(self.conv_shortcut, x)
-            h = norm_act(self.norm1, x, zq, self.nonlinearity, overwrite=overwrite)
+            h = norm_act(self.norm1, x, zq, self.nonlinearity, into=x if overwrite else None)
             overwrite = not hooked(self.conv_shortcut)  # the sum may go into the shortcut's output
+        if spare:  # norm1's output, dead once conv1 has read it
+            spare.give(h, residual)
         h = conv(self.conv1, h)
         # h is this block's own, seen by no one else unless conv1 runs hooks (conv())
-        h = norm_act(self.norm2, h, zq, self.nonlinearity, overwrite=not hooked(self.conv1))
-        return conv_add(self.conv2, self.dropout(h), residual, overwrite)
+        h = norm_act(self.norm2, h, zq, self.nonlinearity, into=None if hooked(self.conv1) else h)
+        out = conv_add(self.conv2, self.dropout(h), residual, overwrite)
+        if spare:
+            spare.give(h, residual)
+        return out
+
+
+class Spare:
+    """A dead full-size activation of one block's resnets, for its next resnet's norm1 to write into.
+
+    A new tensor over 32 MiB (glibc maps each one fresh) pays page faults on first touch: 9 ms
+    for a 128-channel 256x256 fp32 one on a 2-core Xeon, more than the pass that fills it. A
+    resnet's norm1 and norm2 outputs die inside it, and the block's next resnet makes one of the
+    same shape that a spare can take (norm1's: its input is its residual, kept). One at most:
+    then the peak memory stays what it was. (Convolutions cannot write into a spare without a
+    zeroing pass and a summing read, which measured slower than the page faults.) A block keeps
+    one only where nothing else can hold it: the tower owns every activation (no hooks, see
+    _Checkpointed._tower), and no gradient is being recorded. It drops it before its resampler.
+    """
+
+    def __init__(self) -> None:
+        self._dead: torch.Tensor | None = None
+
+    @staticmethod
+    def for_block(overwrite: bool) -> "Spare | None":
+        """A Spare for a block called with ``overwrite`` (the tower owns its activations)."""
+        usable = overwrite and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return Spare() if usable else None
+
+    def give(self, t: torch.Tensor, like: torch.Tensor) -> None:
+        """Keep t, dead from now on, if none is kept and it can stand in for ``like``."""
+        if self._dead is None and _alike(t, like) and t.data_ptr() != like.data_ptr():
+            self._dead = t
+
+    def take(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The kept tensor if it has like's shape, strides, dtype and device, else None."""
+        t = self._dead
+        if t is None or not _alike(t, like):
+            return None
+        self._dead = None
+        return t
+
+
+def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype, device and strides (but for a size-1 dimension's, which says nothing)."""
+    return (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) and all(
+        n == 1 or i == j for n, i, j in zip(a.shape, a.stride(), b.stride())
+    )
 
 
 #: What nn.Module.__call__ checks before it runs hooks: the module's own dicts and the global
@@ -350,7 +403,29 @@ class Downsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv(self.conv, F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
+        if not _eager_cpu_channels_last(x) or hooked(self.conv) or min(x.shape[-2:]) < 3:
+            return conv(self.conv, F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
+        return _downsample_unpadded(self.conv, x)
+
+
+def _downsample_unpadded(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``module(F.pad(x, (0, 1, 0, 1)))`` for a stride-2 3x3 ``module`` without padding, without
+    the padded copy of x (a fresh tensor: with its page faults, 34 ms against 20 for a 128-channel
+    256x256 fp32 x on a 2-core Xeon). The zero row and column only reach the last output row
+    and column, and only when H or W is even: the convolution of x itself gives the rest, and the
+    two-row and two-column edges of x, padded, give those."""
+    inner = conv(module, x)  # (B, C, (H - 1) // 2, (W - 1) // 2)
+    (B, C, H, W), (h, w) = x.shape, inner.shape[-2:]
+    if (h, w) == (H // 2, W // 2):
+        return inner
+    out = torch.empty((B, inner.shape[1], H // 2, W // 2), dtype=inner.dtype, device=inner.device,
+                      memory_format=torch.channels_last)
+    out[:, :, :h, :w] = inner
+    if H % 2 == 0:  # the last output row, every column
+        out[:, :, h:, :] = conv(module, F.pad(x[:, :, H - 2 :, :], (0, 1, 0, 1)))
+    if W % 2 == 0:  # the last output column, the rows above
+        out[:, :, :h, w:] = conv(module, F.pad(x[:, :, : 2 * h + 1, W - 2 :], (0, 1, 0, 0)))
+    return out
 
 
 #: How a 3-tap kernel axis collapses after nearest 2x upsampling, as the 4 taps of a stride-2

@@ -100,6 +100,17 @@ def _check_norm(x: torch.Tensor, num_groups: int, name: str) -> None:
         raise ValueError(f"num_groups={num_groups} must divide the {x.shape[1]} channels of {name}")
 
 
+def _check_into(into: torch.Tensor | None, x: torch.Tensor, name: str) -> None:
+    if into is None or into is x:
+        return
+    given, want = (into.shape, into.stride(), into.dtype, into.device), (x.shape, x.stride(), x.dtype, x.device)
+    # (a size-1 dimension's stride says nothing about the layout)
+    same_strides = all(n == 1 or i == j for n, i, j in zip(x.shape, into.stride(), x.stride()))
+    if given[0] != want[0] or given[2:] != want[2:] or not same_strides:
+        raise ValueError(f"into must be {name} or a tensor of {name}'s shape, strides, dtype and device "
+                         f"{tuple(want[0]), want[1], want[2], str(want[3])}, got {tuple(given[0]), given[1], given[2], str(given[3])}")
+
+
 def group_norm(
     x: torch.Tensor,
     num_groups: int,
@@ -107,21 +118,22 @@ def group_norm(
     bias: torch.Tensor | None = None,
     eps: float = 1e-6,
     activation: str | None = None,
-    overwrite: bool = False,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm over x (B, C, H, W) or (B, C, L), then SiLU when ``activation == "silu"``.
     Output in x's dtype and memory format; statistics in fp32.
 
-    ``overwrite=True`` gives x up: its memory may be reused for the result (the eager CPU path
-    then makes no new full-size tensor), so x holds garbage afterwards. Pass it only for a
-    tensor nothing else reads again. Ignored where autograd records x, under torch.compile, and
-    on the Triton path."""
+    ``into`` gives up a tensor: x itself, or one of x's shape, strides, dtype and device that
+    nothing reads again. Its memory may take the result (the eager CPU path then makes no new
+    full-size tensor), so it holds garbage afterwards. Ignored where autograd records x or
+    ``into``, under torch.compile, and on the Triton path."""
     _check_activation(activation)
     _check_norm(x, num_groups, "x")
+    _check_into(into, x, "x")
     silu = activation == "silu"
     if not _plain_ops(x):
         return custom_ops.group_norm(x, num_groups, weight, bias, float(eps), silu, use_triton(x.device))
-    return custom_ops.in_norm_layout(reference.group_norm(x, num_groups, weight, bias, float(eps), silu, overwrite), x)
+    return custom_ops.in_norm_layout(reference.group_norm(x, num_groups, weight, bias, float(eps), silu, into), x)
 
 
 def spatial_norm(
@@ -133,10 +145,10 @@ def spatial_norm(
     bias: torch.Tensor | None,
     eps: float = 1e-6,
     activation: str | None = None,
-    overwrite: bool = False,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GroupNorm(f) * up(scale) + up(shift), then SiLU when asked. ``overwrite``: f may be
-    reused for the result, as in :func:`group_norm`.
+    """GroupNorm(f) * up(scale) + up(shift), then SiLU when asked. ``into``: f, or a dead
+    tensor like f, whose memory may take the result, as in :func:`group_norm`.
 
     f: (B, C, H, W). scale, shift: (B, C, h, w), conv_y(zq) and conv_b(zq) at the latent
     resolution; ``up`` is PyTorch's nearest resize to (H, W) (what diffusers' upsampling of zq
@@ -149,9 +161,10 @@ def spatial_norm(
             f"spatial_norm needs f (B, C, H, W) and scale, shift (B, C, h, w) of one shape, got "
             f"{tuple(f.shape)}, {tuple(scale.shape)}, {tuple(shift.shape)}"
         )
+    _check_into(into, f, "f")
     silu = activation == "silu"
     if not _plain_ops(f):
         return custom_ops.spatial_norm(f, scale, shift, num_groups, weight, bias, float(eps), silu, use_triton(f.device))
     return custom_ops.in_norm_layout(
-        reference.spatial_norm(f, scale, shift, num_groups, weight, bias, float(eps), silu, overwrite), f
+        reference.spatial_norm(f, scale, shift, num_groups, weight, bias, float(eps), silu, into), f
     )

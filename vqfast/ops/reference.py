@@ -102,7 +102,7 @@ def quantize(
     return indices, z_q, sse
 
 
-def _group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, overwrite: bool = False) -> torch.Tensor:
+def _group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, into: torch.Tensor | None = None) -> torch.Tensor:
     """F.group_norm without cancellation. PyTorch's CPU kernel for channels_last inputs takes
     the variance as E[x^2] - E[x]^2, which cancels: for a group of mean 3 and std 0.01 its
     output was off by 1.6 where the NCHW kernel's was off by 3e-5.
@@ -110,19 +110,19 @@ def _group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, over
     On the eager path a channels_last x stays channels_last (the layout the CPU path runs its
     convolutions in): each group is first shifted by its sampled mean (_group_shift), which leaves
     nothing to cancel; fp32 and fp64 then take _shifted_statistics, 16-bit x F.group_norm. Under
-    torch.compile: _group_norm_by_channels. ``overwrite``: x's memory may take the shifted x
-    (see _shift)."""
+    torch.compile: _group_norm_by_channels. ``into``: memory that may take the shifted x (see
+    _shift)."""
     if torch.compiler.is_compiling():
         return _group_norm_by_channels(x, num_groups, weight, bias, eps)
     if _takes_shifted_statistics(x):
-        y, rstd, centre = _shifted_statistics(x, num_groups, eps, overwrite)
+        y, rstd, centre = _shifted_statistics(x, num_groups, eps, into)
         if weight is not None:
             rstd, centre = rstd * weight.view(1, -1, 1, 1), centre * weight.view(1, -1, 1, 1)
         if bias is not None:
             centre = centre + bias.view(1, -1, 1, 1)
         return _addcmul(centre, y, rstd)
     if is_channels_last(x):
-        x = _shift(x, _group_shift(x, num_groups), overwrite)
+        x = _shift(x, _group_shift(x, num_groups), into)
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 
@@ -135,10 +135,10 @@ def _takes_shifted_statistics(x: torch.Tensor) -> bool:
     return is_channels_last(x) and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
 
 
-def _shifted_statistics(x: torch.Tensor, num_groups: int, eps: float, overwrite: bool = False):
+def _shifted_statistics(x: torch.Tensor, num_groups: int, eps: float, into: torch.Tensor | None = None):
     """(d, rstd, centre) with GroupNorm(x) = d * rstd + centre, for a channels_last fp32 or fp64
     x: d = x minus its groups' sampled means (_group_shift; a tensor the caller may overwrite,
-    x's own memory when ``overwrite`` allows it, see _shift),
+    in ``into``'s memory when that is given, see _shift),
     rstd and centre (B, C, 1, 1) from batch norm's per-channel mean and variance of d (two passes,
     vectorised across channels: 2.8 ms for a 128-channel 256x256 fp32 tensor on a 2-core Xeon,
     where var_mean took 38) combined into groups by Chan's rule. The callers scale d in place, so
@@ -149,7 +149,7 @@ def _shifted_statistics(x: torch.Tensor, num_groups: int, eps: float, overwrite:
     (the output does not depend on the grad mode) and take the gradients of d's moments, added
     as (m - m.detach()), which is exactly zero."""
     B, C = x.shape[:2]
-    d = _shift(x, _group_shift(x, num_groups), overwrite)
+    d = _shift(x, _group_shift(x, num_groups), into)
     with torch.no_grad():
         stats = [torch.batch_norm_update_stats(d[i : i + 1], None, None, 0.0) for i in range(B)]  # biased var
     mean = torch.stack([m for m, _ in stats]).view(B, num_groups, -1)
@@ -216,11 +216,14 @@ def _group_shift(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     return k.to(x.dtype).repeat_interleave(C // num_groups, dim=1).view(B, C, 1, 1)
 
 
-def _shift(x: torch.Tensor, shift: torch.Tensor, overwrite: bool) -> torch.Tensor:
-    """x - shift, into x when the caller gives x up (``overwrite``) and it may be overwritten.
-    A new tensor of 32 MiB or more costs its page faults on first touch: the subtraction into a
-    fresh 128-channel 256x256 fp32 tensor took 10.5 ms on a 2-core Xeon, into x 1.5 ms."""
-    return x.sub_(shift) if overwrite and _in_place(x) else x - shift
+def _shift(x: torch.Tensor, shift: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
+    """x - shift, written into ``into`` (x itself, or a dead tensor like x that the caller gives
+    up) when given and it may be overwritten. A new tensor of 32 MiB or more costs its page
+    faults on first touch: the subtraction into a fresh 128-channel 256x256 fp32 tensor took
+    10.5 ms on a 2-core Xeon, into x 1.5 ms."""
+    if into is not None and _in_place(x, into):
+        return torch.sub(x, shift, out=into)
+    return x - shift
 
 
 def _in_place(*tensors: torch.Tensor) -> bool:
@@ -234,11 +237,11 @@ def _silu(y: torch.Tensor, silu: bool) -> torch.Tensor:
     return F.silu(y, inplace=_in_place(y)) if silu else y
 
 
-def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, silu: bool, overwrite: bool = False) -> torch.Tensor:
-    return _silu(_group_norm(x, num_groups, weight, bias, eps, overwrite), silu)
+def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, silu: bool, into: torch.Tensor | None = None) -> torch.Tensor:
+    return _silu(_group_norm(x, num_groups, weight, bias, eps, into), silu)
 
 
-def spatial_norm(f, scale, shift, num_groups: int, weight, bias, eps: float, silu: bool, overwrite: bool = False) -> torch.Tensor:
+def spatial_norm(f, scale, shift, num_groups: int, weight, bias, eps: float, silu: bool, into: torch.Tensor | None = None) -> torch.Tensor:
     """GroupNorm(f) * up(scale) + up(shift), up = nearest resize to f's (H, W).
 
     The norm's affine is folded into the low-resolution maps, (n w + b) s + t = n (w s) + (b s + t),
@@ -251,10 +254,10 @@ def spatial_norm(f, scale, shift, num_groups: int, weight, bias, eps: float, sil
     if weight is not None:
         scale = scale * weight.view(1, -1, 1, 1)
     if _takes_shifted_statistics(f):  # y * scale + shift = d * (rstd scale) + (centre scale + shift)
-        y, rstd, centre = _shifted_statistics(f, num_groups, eps, overwrite)
+        y, rstd, centre = _shifted_statistics(f, num_groups, eps, into)
         scale, shift = scale * rstd, torch.addcmul(shift, scale, centre)
     else:
-        y = _group_norm(f, num_groups, None, None, eps, overwrite)
+        y = _group_norm(f, num_groups, None, None, eps, into)
     (B, C, H, W), (h, w) = f.shape, scale.shape[-2:]
     if H % h == 0 and W % w == 0:
         y = y.view(B, C, h, H // h, w, W // w)
