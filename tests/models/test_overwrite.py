@@ -197,6 +197,23 @@ def test_downsample_without_the_padded_copy(size):
         torch.testing.assert_close(d(x), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_downsample_reads_no_memory_it_did_not_write(dtype):
+    """After NaN-filled tensors are freed (so a read of memory nobody wrote finds NaN), the
+    downsample is still right: in bf16 oneDNN's stride-2 convolution with a one-column output
+    reads such memory, so only fp32 takes the unpadded path."""
+    d = randomize(Downsample2D(64)).to(dtype).eval()
+    x = (3 + torch.randn(1, 64, 16, 16, generator=torch.Generator().manual_seed(1))).to(dtype).contiguous(memory_format=CL)
+    with torch.no_grad():
+        ref = d.conv(torch.nn.functional.pad(x, (0, 1, 0, 1)))
+        for _ in range(5):
+            junk = [torch.full((n,), float("nan"), dtype=dtype) for n in (4096, 65536, 100_000, 200_000)]
+            del junk
+            out = d(x)
+            assert not out.isnan().any()
+            torch.testing.assert_close(out, ref, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-5)
+
+
 def test_downsample_with_hooks_sees_the_padded_input():
     d = randomize(Downsample2D(8)).eval()
     seen = []

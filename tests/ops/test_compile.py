@@ -1,4 +1,5 @@
-"""torch.compile of the whole model: equal to eager in every dtype, and on CPU the norms reach
+"""torch.compile of the whole model: equal to eager in every dtype. On an x86-64 CPU in fp32 each
+tower reaches the graph as one opaque op running the eager path; elsewhere on CPU the norms reach
 inductor as plain PyTorch ops (no custom-op boundary), while the Triton path keeps its custom ops.
 
 Inductor compiles tiny models only (its C++ code generation costs seconds per graph here)."""
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import vqfast
+from vqfast.models.tower_op import _FUSED_SUMS
 
 #: (relative tolerance of compiled vs a float64 reference beyond twice eager's error)
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
@@ -110,14 +112,39 @@ def _graph_ops(fn, *args):
 
 
 def test_cpu_norms_reach_the_compiler_as_plain_ops():
-    """On CPU the compiler sees GroupNorm (per-channel var_mean, combined into groups),
+    """On CPU in bf16 the compiler sees GroupNorm (per-channel var_mean, combined into groups),
     SpatialNorm and SiLU as PyTorch ops it can fuse; the codebook search stays one opaque custom
     op (its tile loop must not be unrolled)."""
-    model = _tiny(norm_type="spatial")
-    ops = _graph_ops(lambda h: model.decode(h).sample, torch.randn(1, 4, 4, 4))
+    model = _tiny(norm_type="spatial").bfloat16()
+    ops = _graph_ops(lambda h: model.decode(h).sample, torch.randn(1, 4, 4, 4).bfloat16())
     assert not [op for op in ops if "vqfast.group_norm" in op or "vqfast.spatial_norm" in op]
     assert sum("var_mean" in op for op in ops) >= 6 and any("silu" in op for op in ops)
     assert sum("vqfast.quantize" in op for op in ops) == 1
+
+
+@pytest.mark.skipif(not _FUSED_SUMS, reason="the towers' opaque op is used on x86-64 CPUs with oneDNN only")
+def test_fp32_cpu_towers_reach_the_compiler_as_one_eager_op():
+    """fp32 on an x86-64 CPU, no gradient: each tower is one vqfast.eager_tower call running the
+    eager path, with no graph break: a compiled tower equals eager bit for bit (the rest of the
+    model, compiled by inductor, rounds its own way), and a copied model's graph runs the copy's
+    own tower. With gradients recorded the towers' ops are traced."""
+    model = _tiny(norm_type="spatial")
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    ops = _graph_ops(lambda x: model(x).sample, x)
+    assert sum("vqfast.eager_tower" in op for op in ops) == 2
+    assert sum("conv2d" in op for op in ops) == 2  # quant_conv and post_quant_conv only
+    with torch.no_grad():
+        for tower, args in ((model.encoder, (x,)), (model.decoder, (torch.randn(2, 4, 4, 4),) * 2)):
+            assert torch.equal(torch.compile(tower, fullgraph=True)(*args), tower(*args))
+        assert _rel(torch.compile(model, fullgraph=True)(x).sample, model(x).sample) < 1e-5
+        copied = copy.deepcopy(model)
+        copied.encoder.conv_in.weight.mul_(2)
+        assert torch.equal(torch.compile(copied.encoder, fullgraph=True)(x), copied.encoder(x))
+        assert not torch.equal(copied.encoder(x), model.encoder(x))
+    traced = []
+    torch.compile(lambda x: model(x).sample, fullgraph=True,
+                  backend=lambda gm, _: traced.extend(str(n.target) for n in gm.graph.nodes) or gm.forward)(x)
+    assert not [op for op in traced if "eager_tower" in op] and sum("conv2d" in op for op in traced) > 10
 
 
 def test_triton_path_keeps_its_custom_ops():

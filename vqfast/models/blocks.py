@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import tower_op
 from .layers import (
     Attention, Downsample2D, ResnetBlock2D, SpatialNorm, Spare, Upsample2D, conv, hooked, memory_format_of, norm_act,
     runs_channels_last,
@@ -101,6 +102,11 @@ class _Checkpointed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.gradient_checkpointing = False
+        self._tower_key = tower_op.register(self)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._tower_key = tower_op.register(self)  # a copy, or unpickled: its own key
 
     def _run(self, block: nn.Module, *args: torch.Tensor | None, overwrite: bool) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -112,7 +118,10 @@ class _Checkpointed(nn.Module):
         runs_channels_last says so, handing back x's layout.
 
         From conv_in on, x is the tower's own, so each block may write over its input (see
-        ResnetBlock2D): unless a hook could have kept one of the activations."""
+        ResnetBlock2D): unless a hook could have kept one of the activations. Under torch.compile
+        in fp32 on an x86-64 CPU all this runs eagerly, as one op (see tower_op)."""
+        if tower_op.runs_opaque(self, x):
+            return tower_op.eager_tower(x, zq, self._tower_key)
         layout, inside_cl = memory_format_of(x), runs_channels_last(self, x)
         if inside_cl:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -166,6 +175,11 @@ class Encoder(_Checkpointed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._tower(x, None, [*self.down_blocks, self.mid_block])
 
+    def output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        """forward(x)'s shape: H and W halved (rounding down) by each downsampler."""
+        f = 2 ** sum(hasattr(b, "downsamplers") for b in self.down_blocks)
+        return (x.shape[0], self.conv_out.out_channels, x.shape[2] // f, x.shape[3] // f)
+
 
 class Decoder(_Checkpointed):
     def __init__(
@@ -208,3 +222,8 @@ class Decoder(_Checkpointed):
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None) -> torch.Tensor:
         return self._tower(x, zq, [self.mid_block, *self.up_blocks])
+
+    def output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        """forward(x, zq)'s shape: H and W doubled by each upsampler."""
+        f = 2 ** sum(hasattr(b, "upsamplers") for b in self.up_blocks)
+        return (x.shape[0], self.conv_out.out_channels, x.shape[2] * f, x.shape[3] * f)

@@ -403,7 +403,8 @@ class Downsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _eager_cpu_channels_last(x) or hooked(self.conv) or min(x.shape[-2:]) < 3:
+        unpadded = _eager_cpu_channels_last(x) and x.dtype == torch.float32 and min(x.shape[-2:]) >= 3
+        if not unpadded or hooked(self.conv):
             return conv(self.conv, F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
         return _downsample_unpadded(self.conv, x)
 
@@ -413,7 +414,9 @@ def _downsample_unpadded(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     the padded copy of x (a fresh tensor: with its page faults, 34 ms against 20 for a 128-channel
     256x256 fp32 x on a 2-core Xeon). The zero row and column only reach the last output row
     and column, and only when H or W is even: the convolution of x itself gives the rest, and the
-    two-row and two-column edges of x, padded, give those."""
+    two-row and two-column edges of x, padded, give those. fp32 only: in bf16, oneDNN's stride-2
+    convolution with a one-column output (the column edge) reads memory it never wrote (NaN after
+    a NaN-filled tensor was freed, torch 2.13 on a Xeon; a test holds the fp32 path to it)."""
     inner = conv(module, x)  # (B, C, (H - 1) // 2, (W - 1) // 2)
     (B, C, H, W), (h, w) = x.shape, inner.shape[-2:]
     if (h, w) == (H // 2, W // 2):
