@@ -17,7 +17,7 @@ from torch.nn.modules import module as _nn_module
 from ..ops import functional as vf
 from ..ops.derived import derived
 from ..ops.dispatch import use_triton
-from ..ops.reference import is_channels_last
+from ..ops.reference import alike, is_channels_last
 
 ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -242,23 +242,16 @@ class Spare:
 
     def give(self, t: torch.Tensor, like: torch.Tensor) -> None:
         """Keep t, dead from now on, if none is kept and it can stand in for ``like``."""
-        if self._dead is None and _alike(t, like) and t.data_ptr() != like.data_ptr():
+        if self._dead is None and alike(t, like) and t.data_ptr() != like.data_ptr():
             self._dead = t
 
     def take(self, like: torch.Tensor) -> torch.Tensor | None:
         """The kept tensor if it has like's shape, strides, dtype and device, else None."""
         t = self._dead
-        if t is None or not _alike(t, like):
+        if t is None or not alike(t, like):
             return None
         self._dead = None
         return t
-
-
-def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape, dtype, device and strides (but for a size-1 dimension's, which says nothing)."""
-    return (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) and all(
-        n == 1 or i == j for n, i, j in zip(a.shape, a.stride(), b.stride())
-    )
 
 
 #: What nn.Module.__call__ checks before it runs hooks: the module's own dicts and the global

@@ -131,6 +131,17 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def same_strides(shape, strides, other) -> bool:
+    """Whether two stride tuples of one shape lay it out alike: a size-1 dimension's stride says
+    nothing about the layout (a view's may be anything)."""
+    return all(n == 1 or a == b for n, a, b in zip(shape, strides, other))
+
+
+def alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype, device and layout (same_strides): one may stand in for the other."""
+    return (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) and same_strides(a.shape, a.stride(), b.stride())
+
+
 def _takes_shifted_statistics(x: torch.Tensor) -> bool:
     return is_channels_last(x) and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
 
