@@ -6,7 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from datetime import timedelta
 from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
 
 from test_tokens import decode, encode, make_images, make_model, one_thread  # noqa: F401 (autouse fixture)
 
@@ -39,7 +44,68 @@ def test_ranks_take_whole_batches_of_the_global_order():
         assert taken[world - 1] == batches[world - 1 :: world]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+def run_ranks(stores, body) -> list:
+    """body(ranks) on one thread per rank (rank r talks to stores[r]); the results in rank order."""
+    results, errors = [None] * len(stores), []
+
+    def one(r):
+        try:
+            results[r] = body(sharding.Ranks(r, len(stores), torch.device("cpu"), stores[r]))
+        except BaseException as e:  # noqa: BLE001 (re-raised below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return results
+
+
+def test_ranks_exchange_values_through_the_store_and_leave_nothing_in_it():
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=30))
+
+    def body(ranks):
+        gathered = sharding.gather(ranks, {"rank": ranks.rank, "items": list(range(ranks.rank + 1))})
+        smallest = sharding.all_min(ranks, 10 - ranks.rank)
+        sharding.barrier(ranks)
+        return gathered, smallest
+
+    results = run_ranks([store] * 3, body)
+    expected = [{"rank": r, "items": list(range(r + 1))} for r in range(3)]
+    assert results == [(expected, 8)] * 3
+    assert store.num_keys() == 0  # every exchange deleted by the last rank to read it
+
+
+def test_rank_0_hosting_the_store_leaves_after_the_others():
+    """Under a launcher without torchrun's agent, rank 0 hosts the store: it must not end (and take
+    the store with it) while another rank still has a request to make."""
+    host = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=30),
+                         wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", host.port, 2, is_master=False, timeout=timedelta(seconds=30))
+    rank_1_may_leave, rank_0_left = threading.Event(), threading.Event()
+
+    def body(ranks):
+        sharding.barrier(ranks)
+        if ranks.rank == 1:
+            rank_1_may_leave.wait(30)
+        sharding.stop(ranks)
+        if ranks.rank == 0:
+            rank_0_left.set()
+        return ranks.rank
+
+    t = threading.Thread(target=lambda: results.extend(run_ranks([host, client], body)))
+    results: list = []
+    t.start()
+    assert not rank_0_left.wait(0.5)  # held by rank 1, whatever the machine's speed
+    rank_1_may_leave.set()
+    t.join(60)
+    assert results == [0, 1] and rank_0_left.is_set()
+
+
+def test_two_torchrun_processes_match_one_process(tmp_path):
     folder = tmp_path / "images"
     names = make_images(folder, 7)  # odd: the ranks get 4 and 3
     (folder / "broken.png").write_bytes(b"garbage")

@@ -1,26 +1,34 @@
 """Running ``vqfast encode`` / ``vqfast decode`` as several processes (torchrun).
 
-torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; with WORLD_SIZE > 1 the command joins a process
-group (NCCL when it runs on CUDA, gloo on CPU) and runs on ``cuda:LOCAL_RANK``. The work list is
-cut into batches in its global (name) order and rank r takes whole batches r, r + N, r + 2N, ...:
-every batch holds the same images whatever the number of ranks, so N ranks give byte-identical
-results to one process at the same batch size. Each rank writes its own outputs; rank 0 writes
-the merged result after a barrier. One run at a time per output: rank 0 holds a lock file
-(``flock``, which the kernel releases when the process dies, so a killed run never blocks the
-next one) and a second run refuses to start. Across nodes the output folder must be one shared filesystem, since rank 0 reads
-what every rank wrote. The ranks meet only at the end, so the group waits up to 24 hours for the
-slowest rank (torchrun ends them all at once if one fails). Without torchrun (or with
-WORLD_SIZE=1) there is one rank and no process group.
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; with WORLD_SIZE > 1 each rank connects to the
+run's key-value store (``torch.distributed.rendezvous("env://")``: torchrun's own store, or one
+that rank 0 hosts under other launchers) and runs on ``cuda:LOCAL_RANK`` when it computes on CUDA.
+The ranks exchange only small Python values (a batch size, counts, file headers), so they meet
+through that store and open no process group: no gloo or NCCL communicator is built or torn down.
+(A gloo group's teardown was seen to abort a rank with "terminate called without an active
+exception" after all its work was done, failing a finished run.)
+
+The work list is cut into batches in its global (name) order and rank r takes whole batches
+r, r + N, r + 2N, ...: every batch holds the same images whatever the number of ranks, so N ranks
+give byte-identical results to one process at the same batch size. Each rank writes its own
+outputs; rank 0 writes the merged result after a barrier. One run at a time per output: rank 0
+holds a lock file (``flock``, which the kernel releases when the process dies, so a killed run
+never blocks the next one) and a second run refuses to start. Across nodes the output folder must
+be one shared filesystem, since rank 0 reads what every rank wrote. The ranks meet only at the
+end, so a rank waits up to 24 hours for the slowest (torchrun ends them all at once if one
+fails). Without torchrun (or with WORLD_SIZE=1) there is one rank and no store.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import pickle
 import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -30,17 +38,24 @@ import torch
 T = TypeVar("T")
 #: How long a rank waits for the others at the end before torch.distributed gives up.
 WAIT_FOR_OTHER_RANKS = timedelta(hours=24)
+#: How long rank 0 waits, when it leaves, for the others to finish their last exchange with the
+#: store it may host; a rank gets there right after the run's last exchange, so this is
+#: milliseconds unless one failed.
+WAIT_FOR_LEAVING = timedelta(seconds=60)
+_PREFIX = "vqfast/"
 
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place in the run: rank in [0, world), the device it computes on, and whether
-    it started a torch.distributed process group (and so must end it)."""
+    """This process's place in the run: rank in [0, world), the device it computes on, and the
+    run's key-value store (None with one rank)."""
 
     rank: int
     world: int
     device: torch.device
-    joined: bool
+    store: Any = None
+    #: numbers the exchanges: every rank makes the same ones in the same order
+    exchanges: Iterator[int] = field(default_factory=itertools.count, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +63,7 @@ class Ranks:
 
 
 def start(device: str) -> Ranks:
-    """Join torchrun's process group when WORLD_SIZE > 1; device: "cpu", "cuda" or "cuda:N"
+    """Connect to the run's store when WORLD_SIZE > 1; device: "cpu", "cuda" or "cuda:N"
     (under torchrun a CUDA device becomes cuda:LOCAL_RANK, one GPU per rank)."""
     dev = parse_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -58,23 +73,25 @@ def start(device: str) -> Ranks:
         dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world <= 1:
-        return Ranks(0, 1, dev, joined=False)
-    import torch.distributed as dist
+        return Ranks(0, 1, dev)
+    from torch.distributed import rendezvous
 
-    joined = not dist.is_initialized()
-    if joined:
-        # The ranks only meet at the end, so the first to finish waits for the slowest, which on a
-        # large or resumed (unevenly split) dataset can take far longer than the default timeout.
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=WAIT_FOR_OTHER_RANKS)
-    return Ranks(dist.get_rank(), dist.get_world_size(), dev, joined)
+    store, rank, world = next(rendezvous("env://", timeout=WAIT_FOR_OTHER_RANKS))
+    return Ranks(rank, world, dev, store)
 
 
 def stop(ranks: Ranks) -> None:
-    """Leave the process group that ``start`` joined."""
-    if ranks.joined:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    """Leave the run. Rank 0 may host the store, so it leaves last: it waits (briefly) until every
+    rank has made its last request."""
+    if ranks.store is None:
+        return
+    if ranks.store.add(_PREFIX + "left", 1) == ranks.world:
+        ranks.store.set(_PREFIX + "all-left", b"")
+    if ranks.is_main:
+        try:
+            ranks.store.wait([_PREFIX + "all-left"], WAIT_FOR_LEAVING)
+        except RuntimeError:  # a rank that failed never comes; its own error says why
+            pass
 
 
 def parse_device(device: str) -> torch.device:
@@ -107,13 +124,7 @@ def batches(items: Sequence[T], size: int) -> list[list[T]]:
 
 def all_min(ranks: Ranks, value: int) -> int:
     """The smallest ``value`` over all ranks (on every rank); also a barrier."""
-    if ranks.world == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.int64, device=ranks.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+    return min(gather(ranks, value))
 
 
 class Busy(Exception):
@@ -175,21 +186,20 @@ def exclusive(path: Path, ranks: Ranks, what: str) -> Iterator[None]:
 
 def barrier(ranks: Ranks) -> None:
     """Wait until every rank gets here (nothing to wait for with one rank)."""
-    if ranks.world > 1:
-        import torch.distributed as dist
-
-        if ranks.device.type == "cuda":
-            dist.barrier(device_ids=[ranks.device.index])
-        else:
-            dist.barrier()
+    gather(ranks, None)
 
 
 def gather(ranks: Ranks, value: Any) -> list[Any]:
-    """Every rank's ``value`` (picklable), in rank order, on every rank; also a barrier."""
+    """Every rank's ``value`` (picklable), in rank order, on every rank; also a barrier. The last
+    rank to read them deletes them, so the store holds one exchange at a time."""
     if ranks.world == 1:
         return [value]
-    import torch.distributed as dist
-
-    values: list[Any] = [None] * ranks.world
-    dist.all_gather_object(values, value)
+    key = f"{_PREFIX}{next(ranks.exchanges)}/"
+    keys = [f"{key}{r}" for r in range(ranks.world)]
+    ranks.store.set(keys[ranks.rank], pickle.dumps(value))
+    ranks.store.wait(keys)
+    values = [pickle.loads(ranks.store.get(k)) for k in keys]
+    if ranks.store.add(key + "read", 1) == ranks.world:
+        for k in (*keys, key + "read"):
+            ranks.store.delete_key(k)
     return values

@@ -51,7 +51,8 @@ the config sets force_upcast) and float32 on CPU, where float16 is refused. Weig
 inf are refused, naming the tensor. The progress bar (images/s) shows on rank 0 when stderr is a
 terminal. Under torchrun --nproc-per-node N (any number of nodes, one shared output folder) the
 work is cut into batches in name order and rank r takes batches r, r + N, ..., on cuda:LOCAL_RANK
-with NCCL or on CPU with gloo: the same batches as one process, so the same bytes. One run at a
+or on CPU, the ranks meeting through torchrun's store (no process group): the same batches as one
+process, so the same bytes. One run at a
 time per output: a second refuses to start (a lock file that a killed run does not hold), and
 temporary files of killed runs are removed by the next run.
 """
@@ -566,11 +567,7 @@ def run(args: argparse.Namespace) -> int:
     ranks = None
     try:
         ranks = sharding.start(args.device)
-        status = (run_encode if args.command == "encode" else run_decode)(args, ranks)
-        # Leave together: a rank that tears its process group down while rank 0 is still merging
-        # was seen to abort in gloo's teardown ("terminate called without an active exception").
-        sharding.barrier(ranks)
-        return status
+        return (run_encode if args.command == "encode" else run_decode)(args, ranks)
     finally:
         if ranks is not None:
             sharding.stop(ranks)
