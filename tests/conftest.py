@@ -88,14 +88,16 @@ def config_name(request):
     return request.param
 
 
-def make_pair(name: str, seed: int = 0):
-    """(diffusers model, vqfast model) with identical weights, both in eval mode."""
+def make_pair(name: str, seed: int = 0, **changes):
+    """(diffusers model, vqfast model) with identical weights, both in eval mode; ``changes``
+    override entries of the config."""
     import diffusers
 
     import vqfast
 
-    theirs = randomize(diffusers.VQModel(**CONFIGS[name]), seed).eval()
-    ours = vqfast.VQModel(**CONFIGS[name])
+    config = {**CONFIGS[name], **changes}
+    theirs = randomize(diffusers.VQModel(**config), seed).eval()
+    ours = vqfast.VQModel(**config)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return theirs, ours.eval()
 
