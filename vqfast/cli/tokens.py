@@ -52,9 +52,8 @@ inf are refused, naming the tensor. The progress bar (images/s) shows on rank 0 
 terminal. Under torchrun --nproc-per-node N (any number of nodes, one shared output folder) the
 work is cut into batches in name order and rank r takes batches r, r + N, ..., on cuda:LOCAL_RANK
 or on CPU, the ranks meeting through torchrun's store (no process group): the same batches as one
-process, so the same bytes. One run at a
-time per output: a second refuses to start (a lock file that a killed run does not hold), and
-temporary files of killed runs are removed by the next run.
+process, so the same bytes. One run at a time per output: a second refuses to start (a lock file
+that a killed run does not hold), and temporary files of killed runs are removed by the next run.
 """
 
 from __future__ import annotations
