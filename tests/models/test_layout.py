@@ -41,8 +41,8 @@ def use_backend():
 # The Triton path (interpreted on CPU) runs a movq decode only: SpatialNorm, GroupNorm and the
 # codebook kernel are all in it (test_norms checks each kernel in both layouts), and an
 # interpreted encoder costs a minute more. An interpreted norm takes about 1.5 s a call, so its
-# model has one resnet per encoder block (two per decoder block: the Spare hand-over still
-# runs) and a 1024-entry codebook (the two Triton cases took 48 s and 42 s here, against 83 s
+# model has one resnet per encoder block (two per decoder block: the Workspace hand-over
+# still runs) and a 1024-entry codebook (the two Triton cases took 48 s and 42 s here, against 83 s
 # and 66 s with the full test config).
 INTERPRETED = dict(layers_per_block=1, num_vq_embeddings=1024)
 

@@ -2,9 +2,9 @@
 
 A new full-size tensor costs its page faults on first touch, so the towers hand their own
 activations to the next op to write into (``overwrite``, ``into``): ResnetBlock2D sums conv2
-into its input, the norms shift their input in place, a block's later resnets write into its
-earlier ones' dead tensors (Spare), Downsample2D makes no padded copy. Every such write must give
-the same values as a new tensor would, and only where the caller gave the tensor up."""
+into its input, the norms shift their input in place, later ops write into earlier ones' dead
+tensors (Workspace, test_workspace), Downsample2D makes no padded copy. Every such write must
+give the same values as a new tensor would, and only where the caller gave the tensor up."""
 
 import copy
 
@@ -228,10 +228,10 @@ def test_downsample_with_hooks_sees_the_padded_input():
 @pytest.mark.parametrize("batch", [1, 2])
 def test_a_blocks_later_resnets_write_into_the_earlier_ones_dead_tensors(spatial, batch):
     """A three-resnet block given its input (fp32 channels_last, no gradient): the same output as
-    a plain call, and four full-size tensors made in all: the first resnet makes two (norm1's and
-    conv1's outputs), each later one only conv1's, its norm1 writing into a dead tensor of the one
-    before. (At batch 1 the ops' tensors disagree on the size-1 batch dimension's stride, which
-    says nothing.) Under autograd the block keeps no spare and its gradients are those of a plain
+    a plain call, and two full-size tensors made in all, by the first resnet (norm1's and
+    conv1's outputs): the later ones' norm1 and conv1 write into them once dead (Workspace). (At
+    batch 1 the ops' tensors disagree on the size-1 batch dimension's stride, which says
+    nothing.) Under autograd the block keeps no workspace and its gradients are those of a plain
     call."""
     blk = randomize(_Block(32, 32, 3, 8, "silu", attention=False, zq_channels=4 if spatial else None,
                            resample=None)).eval()
@@ -243,7 +243,7 @@ def test_a_blocks_later_resnets_write_into_the_earlier_ones_dead_tensors(spatial
         with NewTensors() as new:
             out = blk(given, zq, overwrite=True)
     assert torch.equal(out, ref)
-    assert len(new.storages(x.shape, besides=given)) == 4
+    assert len(new.storages(x.shape, besides=given)) == 2
     leaf = x.clone().requires_grad_()
     out = blk(leaf.clone(memory_format=torch.preserve_format), zq, overwrite=True)
     grads = torch.autograd.grad(out.square().sum(), [leaf, *blk.parameters()])

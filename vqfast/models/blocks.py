@@ -11,9 +11,10 @@ from torch import nn
 
 from . import tower_op
 from .layers import (
-    Attention, Downsample2D, ResnetBlock2D, SpatialNorm, Spare, Upsample2D, conv, hooked, memory_format_of, norm_act,
-    runs_channels_last,
+    Attention, Downsample2D, ResnetBlock2D, SpatialNorm, Upsample2D, conv, conv_into, hooked, memory_format_of,
+    norm_act, runs_channels_last,
 )
+from .workspace import Workspace
 
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 UP_BLOCK_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -56,16 +57,24 @@ class _Block(nn.Module):
         elif resample == "up":
             self.upsamplers = nn.ModuleList([Upsample2D(out_channels)])
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None, overwrite: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, zq: torch.Tensor | None = None, overwrite: bool = False,
+        workspace: Workspace | None = None,
+    ) -> torch.Tensor:
         """``overwrite``: x, and every activation the block makes, may be written over (see
-        _Checkpointed._tower); the resnets then pass a dead activation on (Spare)."""
-        spare = Spare.for_block(overwrite)
+        _Checkpointed._tower); the resnets and the downsampler then write into dead activations
+        (``workspace``, the tower's; a block called alone makes its own)."""
+        if workspace is None:
+            workspace = Workspace.for_owner(overwrite, x)
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, zq, overwrite=overwrite, spare=spare)
+            x = resnet(x, zq, overwrite=overwrite, workspace=workspace)
             if self.attentions is not None:
                 x = self.attentions[i](x, zq)
-        del spare  # before the resampler, whose tensors are of other sizes: the peak stays
-        for sampler in getattr(self, "downsamplers", None) or getattr(self, "upsamplers", None) or ():
+        for sampler in getattr(self, "downsamplers", None) or ():
+            x = sampler(x, workspace=workspace)
+        for sampler in getattr(self, "upsamplers", None) or ():
+            if workspace:  # its output is larger than any dead activation: they are freed first
+                workspace.clear()
             x = sampler(x)
         return x
 
@@ -84,13 +93,17 @@ class MidBlock(nn.Module):
             ResnetBlock2D(channels, channels, groups, EPS, act_fn, zq_channels) for _ in range(2)
         )
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None = None, overwrite: bool = False) -> torch.Tensor:
-        """``overwrite`` as in _Block.forward."""
-        spare = Spare.for_block(overwrite)
-        x = self.resnets[0](x, zq, overwrite=overwrite, spare=spare)
+    def forward(
+        self, x: torch.Tensor, zq: torch.Tensor | None = None, overwrite: bool = False,
+        workspace: Workspace | None = None,
+    ) -> torch.Tensor:
+        """``overwrite`` and ``workspace`` as in _Block.forward."""
+        if workspace is None:
+            workspace = Workspace.for_owner(overwrite, x)
+        x = self.resnets[0](x, zq, overwrite=overwrite, workspace=workspace)
         if self.attentions[0] is not None:
             x = self.attentions[0](x, zq)
-        return self.resnets[1](x, zq, overwrite=overwrite, spare=spare)
+        return self.resnets[1](x, zq, overwrite=overwrite, workspace=workspace)
 
 
 class _Checkpointed(nn.Module):
@@ -108,28 +121,33 @@ class _Checkpointed(nn.Module):
         super().__setstate__(state)
         self._tower_key = tower_op.register(self)  # a copy, or unpickled: its own key
 
-    def _run(self, block: nn.Module, *args: torch.Tensor | None, overwrite: bool) -> torch.Tensor:
+    def _run(self, block: nn.Module, *args: torch.Tensor | None, overwrite: bool, workspace: Workspace | None) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(block, *args)
-        return block(*args, overwrite=overwrite)
+        return block(*args, overwrite=overwrite, workspace=workspace)
 
     def _tower(self, x: torch.Tensor, zq: torch.Tensor | None, blocks) -> torch.Tensor:
         """conv_in, the blocks, the output norm and conv_out; channels_last inside where
         runs_channels_last says so, handing back x's layout.
 
         From conv_in on, x is the tower's own, so each block may write over its input (see
-        ResnetBlock2D): unless a hook could have kept one of the activations. Under torch.compile
-        in fp32 on an x86-64 CPU all this runs eagerly, as one op (see tower_op)."""
+        ResnetBlock2D), and on the CPU dead activations take later ones (Workspace): unless a
+        hook could have kept one of the activations. The output is a new tensor of its own.
+        Under torch.compile in fp32 on an x86-64 CPU all this runs eagerly, as one op (see
+        tower_op)."""
         if tower_op.runs_opaque(self, x):
             return tower_op.eager_tower(x, zq, self._tower_key)
         layout, inside_cl = memory_format_of(x), runs_channels_last(self, x)
         if inside_cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = conv(self.conv_in, x)
         own = not any(hooked(m) for m in self.modules())
+        workspace = Workspace.for_owner(own, x)
+        x = conv_into(self.conv_in, x, workspace)
         for block in blocks:
-            x = self._run(block, x, overwrite=own) if zq is None else self._run(block, x, zq, overwrite=own)
+            args = (x,) if zq is None else (x, zq)
+            x = self._run(block, *args, overwrite=own, workspace=workspace)
         x = norm_act(self.conv_norm_out, x, zq, self.conv_act, into=x if own else None)
+        del workspace
         out = conv(self.conv_out, x)
         return out.contiguous(memory_format=layout) if inside_cl else out
 

@@ -17,7 +17,8 @@ from torch.nn.modules import module as _nn_module
 from ..ops import functional as vf
 from ..ops.derived import derived
 from ..ops.dispatch import use_triton
-from ..ops.reference import alike, is_channels_last
+from ..ops.reference import is_channels_last
+from .workspace import Workspace
 
 ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -192,66 +193,31 @@ class ResnetBlock2D(nn.Module):
 
     def forward(
         self, x: torch.Tensor, zq: torch.Tensor | None = None, *_, temb: torch.Tensor | None = None,
-        overwrite: bool = False, spare: Spare | None = None,
+        overwrite: bool = False, workspace: Workspace | None = None,
     ) -> torch.Tensor:
         """x: (B, C, H, W); zq (diffusers calls it temb): the quantized latents, for SpatialNorm.
         ``overwrite``: the caller gives x up, so the sum may be written into it (the towers
-        pass their own activations; a plain call leaves x alone). ``spare``: the dead
-        activation of the block's previous resnet (see Spare), which norm1 may write into; this
-        block's own goes there once dead."""
+        pass their own activations; a plain call leaves x alone). ``workspace``: the tower's
+        dead activations (see Workspace), which norm1, conv1 and the shortcut write into; the
+        block's own go there once dead. Given only with ``overwrite``."""
         zq = zq if zq is not None else temb
         if self.conv_shortcut is None:
             residual = x
-            h = norm_act(self.norm1, x, zq, self.nonlinearity, into=spare.take(x) if spare else None)
+            into = workspace.take_like(x) if workspace else None
+            h = norm_act(self.norm1, x, zq, self.nonlinearity, into=into)
         else:  # the shortcut first: then norm1 may take x's memory (the decoder's 64 MiB upsampled one)
-            residual = conv(self.conv_shortcut, x)
+            residual = conv_into(self.conv_shortcut, x, workspace)
             h = norm_act(self.norm1, x, zq, self.nonlinearity, into=x if overwrite else None)
             overwrite = not hooked(self.conv_shortcut)  # the sum may go into the shortcut's output
-        if spare:  # norm1's output, dead once conv1 has read it
-            spare.give(h, residual)
-        h = conv(self.conv1, h)
-        # h is this block's own, seen by no one else unless conv1 runs hooks (conv())
-        h = norm_act(self.norm2, h, zq, self.nonlinearity, into=None if hooked(self.conv1) else h)
-        out = conv_add(self.conv2, self.dropout(h), residual, overwrite)
-        if spare:
-            spare.give(h, residual)
+        h1 = conv_into(self.conv1, h, workspace)
+        if workspace:  # norm1's output (in x's memory or the workspace's), dead once conv1 has read it
+            workspace.give(h)
+        # h1 is this block's own, seen by no one else unless conv1 runs hooks (conv())
+        h1 = norm_act(self.norm2, h1, zq, self.nonlinearity, into=None if hooked(self.conv1) else h1)
+        out = conv_add(self.conv2, self.dropout(h1), residual, overwrite)
+        if workspace:
+            workspace.give(h1)
         return out
-
-
-class Spare:
-    """A dead full-size activation of one block's resnets, for its next resnet's norm1 to write into.
-
-    A new tensor over 32 MiB (glibc maps each one fresh) pays page faults on first touch: 9 ms
-    for a 128-channel 256x256 fp32 one on a 2-core Xeon, more than the pass that fills it. A
-    resnet's norm1 and norm2 outputs die inside it, and the block's next resnet makes one of the
-    same shape that a spare can take (norm1's: its input is its residual, kept). One at most:
-    then the peak memory stays what it was. (Convolutions cannot write into a spare without a
-    zeroing pass and a summing read, which measured slower than the page faults.) A block keeps
-    one only where nothing else can hold it: the tower owns every activation (no hooks, see
-    _Checkpointed._tower), and no gradient is being recorded. It drops it before its resampler.
-    """
-
-    def __init__(self) -> None:
-        self._dead: torch.Tensor | None = None
-
-    @staticmethod
-    def for_block(overwrite: bool) -> "Spare | None":
-        """A Spare for a block called with ``overwrite`` (the tower owns its activations)."""
-        usable = overwrite and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        return Spare() if usable else None
-
-    def give(self, t: torch.Tensor, like: torch.Tensor) -> None:
-        """Keep t, dead from now on, if none is kept and it can stand in for ``like``."""
-        if self._dead is None and alike(t, like) and t.data_ptr() != like.data_ptr():
-            self._dead = t
-
-    def take(self, like: torch.Tensor) -> torch.Tensor | None:
-        """The kept tensor if it has like's shape, strides, dtype and device, else None."""
-        t = self._dead
-        if t is None or not alike(t, like):
-            return None
-        self._dead = None
-        return t
 
 
 #: What nn.Module.__call__ checks before it runs hooks: the module's own dicts and the global
@@ -292,17 +258,36 @@ def conv(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return module._conv_forward(x, derived(_channels_last, module.weight), module.bias)
 
 
+def conv_into(module: nn.Conv2d, x: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+    """``module(x)``, written into memory from ``workspace`` where oneDNN's in-place sum runs
+    (_sums_in_place): that memory zeroed, then the convolution summed into it. The values of
+    oneDNN's convolution into a new tensor (each output is its fp32 result plus 0), without that
+    tensor's page faults (see Workspace)."""
+    if workspace is None or not _sums_in_place(module, x):
+        return conv(module, x)
+    (B, _, H, W), (kh, kw) = x.shape, module.kernel_size
+    (ph, pw), (sh, sw), (dh, dw) = module.padding, module.stride, module.dilation
+    shape = (B, module.out_channels, (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    return _conv_sum_(module, x, workspace.take(shape, x, torch.channels_last).zero_())
+
+
+def _conv_sum_(module: nn.Conv2d, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out += module(x), in out, by oneDNN."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        out, x, derived(_channels_last, module.weight), module.bias, list(module.padding),
+        list(module.stride), list(module.dilation), module.groups, "add", 1.0, None, [], None,
+    )
+
+
 def conv_add(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor, overwrite: bool) -> torch.Tensor:
     """``residual + module(x)``. With ``overwrite`` (the caller gives residual up) on the eager
     CPU channels_last fp32 path, oneDNN adds the residual as the convolution writes its output,
     into residual: no new full-size tensor (whose first touch costs page faults: 9 ms of a
     128-channel 256x256 fp32 one on a 2-core Xeon) and no separate pass for the sum. Same values:
     each output is the fp32 convolution result plus the residual, rounded once either way."""
-    if overwrite and _fuses_residual(module, x, residual):
-        return torch.ops.mkldnn._convolution_pointwise_.binary(
-            residual, x, derived(_channels_last, module.weight), module.bias, list(module.padding),
-            list(module.stride), list(module.dilation), module.groups, "add", 1.0, None, [], None,
-        )
+    if overwrite and _sums_in_place(module, x) and memory_format_of(residual) == torch.channels_last \
+            and residual.dtype == torch.float32 and not (torch.is_grad_enabled() and residual.requires_grad):
+        return _conv_sum_(module, x, residual)
     y = conv(module, x)
     if y.requires_grad or residual.requires_grad or hooked(module):  # (a hook may keep y)
         return residual + y
@@ -314,18 +299,18 @@ def conv_add(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor, overwri
 _X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64")
 
 
-def _fuses_residual(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> bool:
-    """Whether conv_add may run oneDNN's in-place convolution-plus-sum: a plain zero-padded
-    Conv2d without hooks on the eager CPU channels_last path (where conv() runs oneDNN) of an
-    x86-64 CPU, fp32 (the op's 16-bit forms round the sum once, not twice as the unfused path
-    does; float64 it lacks), no gradient to record (the op has no autograd formula)."""
+def _sums_in_place(module: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether oneDNN's in-place convolution-plus-sum may run ``module`` on x (into a
+    channels_last fp32 tensor, conv_add and conv_into): a plain zero-padded Conv2d without hooks
+    on the eager CPU channels_last path (where conv() runs oneDNN) of an x86-64 CPU, fp32 (the
+    op's 16-bit forms round the sum once, not twice as the unfused path does; float64 it lacks),
+    no gradient to record (the op has no autograd formula)."""
     params = [module.weight] if module.bias is None else [module.weight, module.bias]
     return (
-        _X86_ONEDNN and _eager_cpu_channels_last(x) and memory_format_of(residual) == torch.channels_last
-        and x.dtype == residual.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        and type(module) is nn.Conv2d and not hooked(module) and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, *params)))
+        _X86_ONEDNN and _eager_cpu_channels_last(x) and x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available() and type(module) is nn.Conv2d and not hooked(module)
+        and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
     )
 
 
@@ -395,28 +380,39 @@ class Downsample2D(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        """``workspace`` (see Workspace): the tower's dead activations, for the output; x goes
+        there once read. Given only by a tower that owns x."""
         unpadded = _eager_cpu_channels_last(x) and x.dtype == torch.float32 and min(x.shape[-2:]) >= 3
         if not unpadded or hooked(self.conv):
             return conv(self.conv, F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
-        return _downsample_unpadded(self.conv, x)
+        out = _downsample_unpadded(self.conv, x, workspace)
+        if workspace:
+            workspace.give(x)
+        return out
 
 
-def _downsample_unpadded(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def _downsample_unpadded(module: nn.Conv2d, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
     """``module(F.pad(x, (0, 1, 0, 1)))`` for a stride-2 3x3 ``module`` without padding, without
     the padded copy of x (a fresh tensor: with its page faults, 34 ms against 20 for a 128-channel
     256x256 fp32 x on a 2-core Xeon). The zero row and column only reach the last output row
     and column, and only when H or W is even: the convolution of x itself gives the rest, and the
     two-row and two-column edges of x, padded, give those. fp32 only: in bf16, oneDNN's stride-2
     convolution with a one-column output (the column edge) reads memory it never wrote (NaN after
-    a NaN-filled tensor was freed, torch 2.13 on a Xeon; a test holds the fp32 path to it)."""
-    inner = conv(module, x)  # (B, C, (H - 1) // 2, (W - 1) // 2)
+    a NaN-filled tensor was freed, torch 2.13 on a Xeon; a test holds the fp32 path to it).
+    ``workspace``: memory for the output (see Workspace)."""
+    inner = conv_into(module, x, workspace)  # (B, C, (H - 1) // 2, (W - 1) // 2)
     (B, C, H, W), (h, w) = x.shape, inner.shape[-2:]
     if (h, w) == (H // 2, W // 2):
         return inner
-    out = torch.empty((B, inner.shape[1], H // 2, W // 2), dtype=inner.dtype, device=inner.device,
-                      memory_format=torch.channels_last)
+    shape = (B, inner.shape[1], H // 2, W // 2)
+    if workspace:
+        out = workspace.take(shape, inner, torch.channels_last)
+    else:
+        out = torch.empty(shape, dtype=inner.dtype, device=inner.device, memory_format=torch.channels_last)
     out[:, :, :h, :w] = inner
+    if workspace:
+        workspace.give(inner)
     if H % 2 == 0:  # the last output row, every column
         out[:, :, h:, :] = conv(module, F.pad(x[:, :, H - 2 :, :], (0, 1, 0, 1)))
     if W % 2 == 0:  # the last output column, the rows above
