@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -103,6 +104,54 @@ def test_rank_0_hosting_the_store_leaves_after_the_others():
     rank_1_may_leave.set()
     t.join(60)
     assert results == [0, 1] and rank_0_left.is_set()
+
+
+def test_a_failed_rank_stops_the_others_at_their_next_exchange():
+    """Outside torchrun nothing ends the other ranks when one fails: they must not wait for it
+    (for up to 24 hours), but stop at their next exchange naming the failed rank and its error.
+    The first failure is the one reported."""
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=30))  # what a plain wait would take before giving up
+
+    def body(ranks):
+        if ranks.rank == 1:
+            sharding.fail(ranks, ValueError("--model /nowhere: no such folder"))
+            sharding.fail(ranks, RuntimeError("a later error"))
+            return "failed"
+        try:
+            sharding.gather(ranks, 0)
+        except sharding.OtherRankFailed as e:
+            return str(e)
+
+    failed, reported = run_ranks([store] * 2, body)[::-1]
+    assert failed == "failed"
+    assert reported.startswith("rank 1 failed: --model /nowhere: no such folder; this rank stopped too"), reported
+
+
+def test_a_rank_failing_without_torchrun_ends_the_run(tmp_path):
+    """Two processes launched without torchrun (rank 0 hosts the store): rank 1 is given a model
+    folder that does not exist and fails at once; rank 0, waiting for it at its first exchange,
+    ends with exit status 1 and rank 1's error instead of waiting."""
+    folder = tmp_path / "images"
+    make_images(folder, 2)
+    model = make_model(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, model_dir in ((0, model), (1, tmp_path / "nowhere")):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        command = [sys.executable, "-m", "vqfast", "encode", str(folder), "--model", str(model_dir),
+                   "-o", str(tmp_path / "t.safetensors")]
+        procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert procs[1].returncode == 2, outs[1]
+    assert procs[0].returncode == 1, outs[0]
+    assert "[rank 0] error: rank 1 failed: --model" in outs[0][1] and "nowhere" in outs[0][1], outs[0][1]
+    assert "waitForInput" not in outs[0][1]  # no store warnings while it waited
+    assert not (tmp_path / "t.safetensors").exists()
 
 
 def test_two_torchrun_processes_match_one_process(tmp_path):

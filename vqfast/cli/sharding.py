@@ -15,8 +15,10 @@ outputs; rank 0 writes the merged result after a barrier. One run at a time per 
 holds a lock file (``flock``, which the kernel releases when the process dies, so a killed run
 never blocks the next one) and a second run refuses to start. Across nodes the output folder must
 be one shared filesystem, since rank 0 reads what every rank wrote. The ranks meet only at the
-end, so a rank waits up to 24 hours for the slowest (torchrun ends them all at once if one
-fails). Without torchrun (or with WORLD_SIZE=1) there is one rank and no store.
+end, so a rank waits up to 24 hours for the slowest. A rank that fails says so in the store (its
+error), and the others stop at their next exchange with "rank N failed: ..." (exit status 1),
+their finished batches kept for a rerun; torchrun also ends them all at once. Without torchrun
+(or with WORLD_SIZE=1) there is one rank and no store.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import pickle
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +38,8 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 
+from .main import RunFailed
+
 T = TypeVar("T")
 #: How long a rank waits for the others at the end before torch.distributed gives up.
 WAIT_FOR_OTHER_RANKS = timedelta(hours=24)
@@ -42,7 +47,14 @@ WAIT_FOR_OTHER_RANKS = timedelta(hours=24)
 #: store it may host; a rank gets there right after the run's last exchange, so this is
 #: milliseconds unless one failed.
 WAIT_FOR_LEAVING = timedelta(seconds=60)
+#: The longest a waiting rank sleeps between two looks at the store (it starts at a millisecond).
+POLL = timedelta(seconds=1)
 _PREFIX = "vqfast/"
+_FAILED = _PREFIX + "failed"
+
+
+class OtherRankFailed(RunFailed):
+    """Another rank of the run failed, so this one stops too."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,33 @@ def stop(ranks: Ranks) -> None:
             ranks.store.wait([_PREFIX + "all-left"], WAIT_FOR_LEAVING)
         except RuntimeError:  # a rank that failed never comes; its own error says why
             pass
+
+
+def fail(ranks: Ranks, error: BaseException) -> None:
+    """Tell the other ranks that this one failed with ``error`` (the first failure of a run is
+    kept): they stop at their next exchange instead of waiting for this rank."""
+    if ranks.store is None or isinstance(error, OtherRankFailed):
+        return
+    text = f"rank {ranks.rank} failed: {str(error) or type(error).__name__}"
+    try:
+        ranks.store.compare_set(_FAILED, b"", pickle.dumps(text))
+    except RuntimeError:  # the store is gone (its host ended): the others find out on their own
+        pass
+
+
+def _wait(ranks: Ranks, keys: list[str]) -> None:
+    """Wait until the store holds ``keys``, for up to WAIT_FOR_OTHER_RANKS; OtherRankFailed as soon
+    as a rank has failed (see fail). It polls with ``check``: the store's own ``wait`` logs a
+    warning each time it times out."""
+    deadline, pause = time.monotonic() + WAIT_FOR_OTHER_RANKS.total_seconds(), 0.001
+    while not ranks.store.check(keys):
+        if ranks.store.check([_FAILED]):
+            raise OtherRankFailed(f"{pickle.loads(ranks.store.get(_FAILED))}; this rank stopped too "
+                                  "(its finished batches are kept: rerun to resume)")
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"the other ranks did not reach this point within {WAIT_FOR_OTHER_RANKS}")
+        time.sleep(pause)
+        pause = min(2 * pause, POLL.total_seconds())
 
 
 def parse_device(device: str) -> torch.device:
@@ -197,7 +236,7 @@ def gather(ranks: Ranks, value: Any) -> list[Any]:
     key = f"{_PREFIX}{next(ranks.exchanges)}/"
     keys = [f"{key}{r}" for r in range(ranks.world)]
     ranks.store.set(keys[ranks.rank], pickle.dumps(value))
-    ranks.store.wait(keys)
+    _wait(ranks, keys)
     values = [pickle.loads(ranks.store.get(k)) for k in keys]
     if ranks.store.add(key + "read", 1) == ranks.world:
         for k in (*keys, key + "read"):

@@ -567,6 +567,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         ranks = sharding.start(args.device)
         return (run_encode if args.command == "encode" else run_decode)(args, ranks)
+    except BaseException as e:
+        if ranks is not None:
+            sharding.fail(ranks, e)
+        raise
     finally:
         if ranks is not None:
             sharding.stop(ranks)
