@@ -51,10 +51,11 @@ _MADVISE = _madvise()
 def advise_huge_pages(t: torch.Tensor) -> bool:
     """Ask the kernel to back a new, untouched CPU tensor of OWN_MAPPING_BYTES or more with
     2 MiB pages (the aligned pages inside it). Whether the advice was taken."""
-    if _MADVISE is None or t.device.type != "cpu" or t.untyped_storage().nbytes() < OWN_MAPPING_BYTES:
+    storage = t.untyped_storage()
+    if _MADVISE is None or t.device.type != "cpu" or storage.nbytes() < OWN_MAPPING_BYTES:
         return False
-    start = -(-t.untyped_storage().data_ptr() // HUGE_PAGE) * HUGE_PAGE
-    end = (t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()) // HUGE_PAGE * HUGE_PAGE
+    start = -(-storage.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    end = (storage.data_ptr() + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE
     return end > start and _MADVISE(start, end - start, _MADV_HUGEPAGE) == 0
 
 
@@ -79,7 +80,7 @@ class Workspace:
     """
 
     def __init__(self) -> None:
-        self._dead: list[torch.UntypedStorage] = []
+        self._dead: list[torch.UntypedStorage] = []  # CPU storages: see for_owner
         self._lent: set[int] = set()  # data pointers of the storages out with takers
 
     @staticmethod
@@ -102,13 +103,13 @@ class Workspace:
         """A tensor of ``shape`` with like's dtype and device, dense in ``memory_format``, whose
         values are garbage: from the smallest dead storage that holds it, else new."""
         nbytes = math.prod(shape) * like.element_size()
-        fits = [d for d in self._dead if d.device == like.device and d.nbytes() >= nbytes]
+        fits = [d for d in self._dead if d.nbytes() >= nbytes]
         if fits:
             storage = min(fits, key=torch.UntypedStorage.nbytes)
             self._dead = [d for d in self._dead if d is not storage]
             t = torch.empty(0, dtype=like.dtype, device=like.device).set_(storage, 0, shape, _strides(shape, memory_format))
         else:
-            self._dead = [d for d in self._dead if d.device != like.device]  # all smaller: freed first
+            self.clear()  # every dead storage is smaller: freed first
             t = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
             advise_huge_pages(t)
         self._lent.add(t.untyped_storage().data_ptr())
