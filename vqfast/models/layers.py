@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from ..ops import functional as vf
+from ..ops import winograd
 from ..ops.derived import derived
 from ..ops.dispatch import use_triton
 from ..ops.reference import is_channels_last
@@ -252,23 +253,56 @@ def conv(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``. A channels_last x on the CPU meets channels_last weights, built once per
     weight state (vqfast.ops.derived): with NCHW weights oneDNN reorders them and copies its
     output on every call (a 19 ms copy beside an 81 ms 128-channel 256x256 convolution here).
-    A module with hooks is called as one, so they run."""
+    Wide 3x3 convolutions go through Winograd instead (_by_winograd). A module with hooks is
+    called as one, so they run."""
     if not _eager_cpu_channels_last(x) or type(module) is not nn.Conv2d or hooked(module):
         return module(x)
+    if _by_winograd(module, x):
+        return _winograd(module, x, torch.empty(_conv_shape(module, x), dtype=x.dtype, memory_format=torch.channels_last))
     return module._conv_forward(x, derived(_channels_last, module.weight), module.bias)
 
 
-def conv_into(module: nn.Conv2d, x: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
-    """``module(x)``, written into memory from ``workspace`` where oneDNN's in-place sum runs
-    (_sums_in_place): that memory zeroed, then the convolution summed into it. The values of
-    oneDNN's convolution into a new tensor (each output is its fp32 result plus 0), without that
-    tensor's page faults (see Workspace)."""
-    if workspace is None or not _sums_in_place(module, x):
-        return conv(module, x)
+def _conv_shape(module: nn.Conv2d, x: torch.Tensor) -> tuple[int, int, int, int]:
     (B, _, H, W), (kh, kw) = x.shape, module.kernel_size
     (ph, pw), (sh, sw), (dh, dw) = module.padding, module.stride, module.dilation
-    shape = (B, module.out_channels, (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-    return _conv_sum_(module, x, workspace.take(shape, x, torch.channels_last).zero_())
+    return B, module.out_channels, (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def _by_winograd(module: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether ``module(x)`` goes through vqfast.ops.winograd (2.25x fewer multiply-adds than
+    oneDNN's direct convolution): a plain 3x3 stride-1 zero-padded Conv2d without hooks on the
+    eager CPU channels_last path, wide enough and shaped as winograd.fits says, no gradient to
+    record (its transforms write into buffers)."""
+    params = [module.weight] if module.bias is None else [module.weight, module.bias]
+    return (
+        _eager_cpu_channels_last(x) and type(module) is nn.Conv2d and not hooked(module)
+        and module.kernel_size == (3, 3) and module.stride == (1, 1) and module.padding == (1, 1)
+        and module.dilation == (1, 1) and module.groups == 1 and module.padding_mode == "zeros"
+        and winograd.fits(x, module.out_channels) and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
+    )
+
+
+def _winograd(module: nn.Conv2d, x: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """module(x) by winograd.conv3x3 into ``out`` (or added to it), its weights transformed once
+    per weight state."""
+    u = derived(winograd.weights, module.weight)
+    bias = derived(winograd.bias_rows, module.bias, module.out_channels, x.device)
+    return winograd.conv3x3(x, u, bias, out, accumulate)
+
+
+def conv_into(module: nn.Conv2d, x: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+    """``module(x)``, written into memory from ``workspace``: by Winograd where _by_winograd
+    says so, which writes every output; else where oneDNN's in-place sum runs (_sums_in_place),
+    that memory zeroed, then the convolution summed into it, the values of oneDNN's convolution
+    into a new tensor (each output is its fp32 result plus 0). Either way without a new
+    tensor's page faults (see Workspace)."""
+    if workspace is None:
+        return conv(module, x)
+    if _by_winograd(module, x):  # writes every output: no zeroing
+        return _winograd(module, x, workspace.take(_conv_shape(module, x), x, torch.channels_last))
+    if not _sums_in_place(module, x):
+        return conv(module, x)
+    return _conv_sum_(module, x, workspace.take(_conv_shape(module, x), x, torch.channels_last).zero_())
 
 
 def _conv_sum_(module: nn.Conv2d, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -284,10 +318,15 @@ def conv_add(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor, overwri
     CPU channels_last fp32 path, oneDNN adds the residual as the convolution writes its output,
     into residual: no new full-size tensor (whose first touch costs page faults: 9 ms of a
     128-channel 256x256 fp32 one on a 2-core Xeon) and no separate pass for the sum. Same values:
-    each output is the fp32 convolution result plus the residual, rounded once either way."""
-    if overwrite and _sums_in_place(module, x) and memory_format_of(residual) == torch.channels_last \
-            and residual.dtype == torch.float32 and not (torch.is_grad_enabled() and residual.requires_grad):
-        return _conv_sum_(module, x, residual)
+    each output is the fp32 convolution result plus the residual, rounded once either way. A
+    convolution that _by_winograd takes adds its tile sums into residual instead (the same sum,
+    rounded in another order)."""
+    if overwrite and memory_format_of(residual) == torch.channels_last and residual.dtype == torch.float32 \
+            and not (torch.is_grad_enabled() and residual.requires_grad):
+        if _by_winograd(module, x):
+            return _winograd(module, x, residual, accumulate=True)
+        if _sums_in_place(module, x):
+            return _conv_sum_(module, x, residual)
     y = conv(module, x)
     if y.requires_grad or residual.requires_grad or hooked(module):  # (a hook may keep y)
         return residual + y
