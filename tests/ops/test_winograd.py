@@ -66,6 +66,12 @@ def test_strips_split_anywhere_give_the_same_values(monkeypatch, strip_rows):
     torch.testing.assert_close(split, whole, rtol=0, atol=0)
 
 
+def test_a_slice_of_the_batch_gives_its_rows_bit_for_bit():
+    """Each image goes through the same strips alone: no dependence on the batch around it."""
+    x, w, b = case(4, 256, 24, 10, 6, seed=11)
+    torch.testing.assert_close(run(x[1:3], w, b), run(x, w, b)[1:3], rtol=0, atol=0)
+
+
 def test_large_offsets():
     x, w, b = case(1, 256, 32, 8, 8, offset=300.0, seed=5)
     check(run(x, w, b), x, w, b)
