@@ -270,15 +270,23 @@ def _conv_shape(module: nn.Conv2d, x: torch.Tensor) -> tuple[int, int, int, int]
 
 def _by_winograd(module: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether ``module(x)`` goes through vqfast.ops.winograd (2.25x fewer multiply-adds than
-    oneDNN's direct convolution): a plain 3x3 stride-1 zero-padded Conv2d without hooks on the
-    eager CPU channels_last path, wide enough and shaped as winograd.fits says, no gradient to
-    record (its transforms write into buffers)."""
+    oneDNN's direct convolution): a 3x3 stride-1 convolution that _plain_without_grad allows,
+    wide enough and shaped as winograd.fits says."""
+    return (
+        _plain_without_grad(module, x) and module.kernel_size == (3, 3) and module.stride == (1, 1)
+        and module.padding == (1, 1) and module.dilation == (1, 1) and module.groups == 1
+        and winograd.fits(x, module.out_channels)
+    )
+
+
+def _plain_without_grad(module: nn.Conv2d, x: torch.Tensor) -> bool:
+    """What both in-place convolution paths (Winograd, oneDNN's sum) need: a plain zero-padded
+    Conv2d without hooks on the eager CPU channels_last path, and no gradient to record (they
+    write into buffers, which autograd cannot follow)."""
     params = [module.weight] if module.bias is None else [module.weight, module.bias]
     return (
         _eager_cpu_channels_last(x) and type(module) is nn.Conv2d and not hooked(module)
-        and module.kernel_size == (3, 3) and module.stride == (1, 1) and module.padding == (1, 1)
-        and module.dilation == (1, 1) and module.groups == 1 and module.padding_mode == "zeros"
-        and winograd.fits(x, module.out_channels) and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
+        and module.padding_mode == "zeros" and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
     )
 
 
@@ -343,13 +351,11 @@ def _sums_in_place(module: nn.Conv2d, x: torch.Tensor) -> bool:
     channels_last fp32 tensor, conv_add and conv_into): a plain zero-padded Conv2d without hooks
     on the eager CPU channels_last path (where conv() runs oneDNN) of an x86-64 CPU, fp32 (the
     op's 16-bit forms round the sum once, not twice as the unfused path does; float64 it lacks),
-    no gradient to record (the op has no autograd formula)."""
-    params = [module.weight] if module.bias is None else [module.weight, module.bias]
+    no gradient to record (the op has no autograd formula): _plain_without_grad."""
+    # _plain_without_grad first: it is False under torch.compile, which must not trace is_available
     return (
-        _X86_ONEDNN and _eager_cpu_channels_last(x) and x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available() and type(module) is nn.Conv2d and not hooked(module)
-        and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
+        _X86_ONEDNN and _plain_without_grad(module, x) and x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available() and not isinstance(module.padding, str)
     )
 
 
