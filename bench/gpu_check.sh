@@ -26,11 +26,8 @@ if ls bench/wheels/*.whl >/dev/null 2>&1 && ! python -c "import diffusers" 2>/de
     || echo "diffusers wheels did not install (see wheels.log): eager baseline only"
 fi
 
-# vqfast without pip (no network for build dependencies): vqfast/ plus kernels/ as vqfast.kernels.
-STAGE=$(mktemp -d)
-cp -r vqfast "$STAGE/vqfast"
-cp -r kernels "$STAGE/vqfast/kernels"
-export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
+# vqfast without pip (no network for build dependencies): the repository root on the path.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=0

@@ -3,7 +3,7 @@
     python bench/kernel_resources.py                  # any machine, no GPU: the static report
     python bench/kernel_resources.py --measure OUT    # a CUDA machine: time every case
 
-Without arguments: writes the static report (kernels/aot.py) to
+Without arguments: writes the static report (vqfast/kernels/aot.py) to
 bench/results/kernel-resources.{json,md}: per launch configuration and target, registers, shared
 memory, spills, and the hot loop read from the SASS (instructions per item, shuffles, barriers,
 global access widths), with the static time estimate for the benchmark case. Nothing there is

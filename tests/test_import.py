@@ -33,7 +33,7 @@ def test_public_names():
 
     for name in ("VQModel", "VQEncoderOutput", "DecoderOutput", "VectorQuantizer"):
         assert hasattr(vqfast, name)
-    import vqfast.kernels  # noqa: F401  (ships from the top-level kernels/ folder)
+    import vqfast.kernels  # noqa: F401
 
 
 def test_documented_names():
@@ -89,7 +89,7 @@ MAY_IMPORT = {"cli": {"cli", "models", "ops", "kernels"}, "models": {"models", "
 
 
 def _part_files(part: str) -> list[Path]:
-    folder = ROOT / "kernels" if part == "kernels" else ROOT / "vqfast" / part
+    folder = ROOT / "vqfast" / part
     bridge = [ROOT / "vqfast" / "diffusers.py"] if part == "models" else []  # imports as the models part does
     return sorted(folder.glob("*.py")) + bridge
 

@@ -168,7 +168,7 @@ def test_two_torchrun_processes_match_one_process(tmp_path):
     assert run.stdout.count("batch size 2:") == 1  # printed by rank 0 only
     assert run.stderr.count("skipped 'broken.png'") == 1  # by the rank that read it
     assert (two / "t.safetensors").read_bytes() == (one / "t.safetensors").read_bytes()
-    manifest = {k: json.loads((d / "t.manifest.json").read_text()) for k, d in (("one", one), ("two", two))}
+    manifest = {k: json.loads((d / "t.safetensors.manifest.json").read_text()) for k, d in (("one", one), ("two", two))}
     assert manifest["two"]["world_size"] == 2
     assert manifest["two"]["rows"] == manifest["one"]["rows"] == {n: i for i, n in enumerate(names)}
     assert manifest["two"]["skipped"] == manifest["one"]["skipped"] and list(manifest["two"]["skipped"]) == ["broken.png"]

@@ -116,7 +116,7 @@ def test_round_trip_equals_the_model(tmp_path, data, variant, capsys):
     assert json.loads(meta["names"]) == names
     assert (meta["num_vq_embeddings"], json.loads(meta["grid"])) == ("64", [8, 8])
     assert meta["vqfast_version"] == vqfast.__version__
-    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    manifest = json.loads(tokens.manifest_of(out).read_text())
     assert manifest["rows"] == {n: i for i, n in enumerate(names)} and manifest["skipped"] == {}
     assert not tokenfile.parts_folder(out).exists()
 
@@ -189,7 +189,7 @@ def test_batch_size_formula_and_sizes():
     assert budget.parse_size("1.5G") == 3 * 2**29 and budget.parse_size("3kb") == 3000
     assert budget.parse_size("123") == 123
     for bad in ("0", "-1", "lots", "2XB"):
-        with pytest.raises(ValueError, match="--max-memory must be a positive size"):
+        with pytest.raises(ValueError, match="--max-memory must be a size from 1 byte to 8 EiB"):
             budget.parse_size(bad)
 
 
@@ -255,7 +255,7 @@ def test_interrupted_encode_resumes_to_the_same_file(tmp_path, data, model_dir, 
     assert encode(folder, "--model", model_dir, "-o", out, "--batch-size", 2) == 0
     assert sum(seen) == 4  # the two images of the finished part are not encoded again
     assert out.read_bytes() == whole.read_bytes()
-    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    manifest = json.loads(tokens.manifest_of(out).read_text())
     assert manifest["from_earlier_runs"] == 2 and manifest["rows"] == {n: i for i, n in enumerate(names)}
 
     seen.clear()  # a finished run: nothing to do, the output stays the same
@@ -292,7 +292,7 @@ def test_unreadable_and_odd_sized_images_are_skipped_by_name(tmp_path, data, mod
     err = capsys.readouterr().err
     for name in ("broken.png", "notes.jpg"):
         assert f"skipped {name!r}" in err
-    manifest = json.loads(out.with_suffix(".manifest.json").read_text())
+    manifest = json.loads(tokens.manifest_of(out).read_text())
     assert sorted(manifest["skipped"]) == ["broken.png", "notes.jpg"]
     assert "not a readable image" in manifest["skipped"]["broken.png"]
     assert json.loads(tokenfile.read_metadata(out)["names"]) == names == list(manifest["rows"])
@@ -310,7 +310,7 @@ def test_unreadable_and_odd_sized_images_are_skipped_by_name(tmp_path, data, mod
     [
         (["--size", "7"], "--size must be a positive multiple of 2 (the model's downsampling factor), got 7"),
         (["--dtype", "float16", "--device", "cpu"], "--dtype float16 needs a CUDA device"),
-        (["--max-memory", "lots"], "--max-memory must be a positive size"),
+        (["--max-memory", "lots"], "--max-memory must be a size from 1 byte to 8 EiB"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ],
 )
@@ -522,7 +522,7 @@ def test_decode_checks_the_model_and_the_pngs_it_finds(tmp_path, data, model_dir
     assert decode(out, "--model", model_dir, "-o", reference) == 0
     for name in names:
         assert (png / name).read_bytes() == (reference / name).read_bytes(), name
-    save_image(png / "img0.png", seed=5)  # a stranger under a finished name
+    save_image(png / "img0.png", seed=99)  # a stranger under a finished name
     assert decode(out, "--model", model_dir, "-o", png) == 2
     assert "1 PNGs that were not decoded" in (err := capsys.readouterr().err) and "img0.png: it has no vqfast stamp" in err
 

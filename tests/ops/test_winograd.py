@@ -57,13 +57,12 @@ def test_matches_the_float64_convolution(B, C, O, H, W):
 @pytest.mark.parametrize("strip_rows", [1, 2, 3])
 def test_strips_split_anywhere_give_the_same_values(monkeypatch, strip_rows):
     """Strips of 1, 2 and 3 tile rows over 7 tile rows: the first and last strips meet the zero
-    padding rows, the middle ones only x; every split gives the whole convolution's values."""
+    padding rows, the middle ones only x; every split gives the convolution's values by the
+    three-way rule. (Not bit for bit: a strip's products are a GEMM of n * S rows, and the BLAS
+    may sum a row in another order for another row count, as it does on AVX2 CPUs.)"""
     x, w, b = case(2, 256, 24, 14, 6, seed=3)
-    whole = run(x, w, b)
     monkeypatch.setattr(winograd, "STRIP_BYTES", 16 * 3 * 256 * 4 * strip_rows)
-    split = run(x, w, b)
-    check(split, x, w, b)
-    torch.testing.assert_close(split, whole, rtol=0, atol=0)
+    check(run(x, w, b), x, w, b)
 
 
 def test_a_slice_of_the_batch_gives_its_rows_bit_for_bit():

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..models.messages import short_repr
+
 CPU_DEFAULT_BUDGET = 2 * 2**30
 CUDA_FREE_FRACTION = 0.7
 DEFAULT_MAX_BATCH = 256
@@ -48,11 +50,11 @@ def parse_size(text: str) -> int:
     (powers of 1024), KB/MB/GB/TB decimal (powers of 1000); case does not matter."""
     m = _SIZE.match(text)
     scale = _UNITS.get(m.group(2).lower()) if m else None
-    if scale is None or float(m.group(1)) * scale < 1:
-        raise ValueError(
-            f"--max-memory must be a positive size such as 2GiB, 512MiB or 1000000 (bytes), got {text!r}"
-        )
-    return int(float(m.group(1)) * scale)
+    value = float(m.group(1)) * scale if scale is not None else 0.0  # a float: 400 digits give inf
+    if not 1 <= value < 2**63:
+        raise ValueError(f"--max-memory must be a size from 1 byte to 8 EiB such as 2GiB, 512MiB or 1000000 "
+                         f"(bytes), got {short_repr(text, 80)}")
+    return int(value)
 
 
 def format_size(n: int) -> str:

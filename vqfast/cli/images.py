@@ -1,15 +1,20 @@
 """Images on disk for ``vqfast encode`` / ``vqfast decode``: listing, reading, writing.
 
 - Inputs are files or folders; folders are searched recursively for .png, .jpg, .jpeg, .webp and
-  .bmp files (any case). An image's *name* is its path relative to the folder given (posix
-  separators), or its file name when the file was given itself. The work list is sorted by name:
-  it is the unit of sharding and resume. The same file given twice counts once; two files with
-  the same name, or whose names differ only by extension (they would decode to the same PNG), are
-  refused.
-- A *scan* reads each file's bytes once: their SHA-256 (what resume compares, so a rerun reuses
-  a row only for an image whose content is unchanged) and the header's size, without decoding any
-  pixels. A header of more than ``max_pixels`` pixels (``--max-pixels``, default 8192 x 8192) is
-  skipped by name right there; Pillow's own decompression-bomb limit is replaced by this one.
+  .bmp files (any case), following symbolic links to folders (not a link back to a folder it is
+  in). An image's *name* is its path relative to the folder given (posix separators), or its file
+  name when the file was given itself. The work list is sorted by name: it is the unit of sharding
+  and resume. Every name is a row or a named skip: two names of one file (a link ``z.png ->
+  a.png``) are two rows; a dangling or looping link, a FIFO or anything else that is not a regular
+  file is skipped by name. The same file under the same name (given twice) counts once; two files
+  with the same name, names that would decode to the same PNG (extensions differ), or to a file
+  and a folder of it ("a.png" and "a.png/b.png"), are refused.
+- A *scan* reads each file in 1 MiB blocks for its SHA-256 (what resume compares, so a rerun
+  reuses a row only for an image whose content is unchanged) and reads its header, never
+  decoding pixels nor holding the file whole. A file larger than any image under ``max_pixels``
+  can be (``max_file_bytes``) is skipped by name unread, and so is a header of more than
+  ``max_pixels`` pixels (``--max-pixels``, default 8192 x 8192); Pillow's own decompression-bomb
+  limit is replaced by this one.
 - Reading checks the bytes against the scan's hash (a file that changed meanwhile is skipped by
   name), applies the EXIF orientation and converts to 8-bit RGB, dropping any alpha channel. Modes
   with more than 8 bits per channel keep their whole range instead of being clipped to white:
@@ -32,6 +37,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,26 +67,25 @@ class SkipImage(Exception):
 
 
 def list_images(inputs: Iterable[str | os.PathLike]) -> list[Item]:
-    """The images under ``inputs`` (files or folders), sorted by name; see the module docstring."""
+    """The images under ``inputs`` (files or folders), sorted by name; see the module docstring.
+    FileNotFoundError / ValueError naming the input for an input that is missing, a folder that
+    cannot be listed, two files under one name, or names that decode could not write side by side."""
     by_name: dict[str, Item] = {}
-    seen: set[Path] = set()
     for given in inputs:
         root = Path(given)
         if root.is_dir():
-            found = [(p.relative_to(root).as_posix(), p) for p in root.rglob("*")
-                     if p.suffix.lower() in EXTENSIONS and p.is_file()]
+            found = _walk(root, PurePosixPath(), set())
         elif root.is_file():
             found = [(root.name, root)]
         else:
-            raise FileNotFoundError(f"IMAGES: {str(given)!r} is neither an image file nor a folder")
+            what = "a symbolic link to a missing file" if root.is_symlink() else "neither an image file nor a folder"
+            raise FileNotFoundError(f"IMAGES: {str(given)!r} is {what}")
         for name, path in found:
-            real = path.resolve()
-            if real in seen:
-                continue
-            seen.add(real)
             if name in by_name:
+                if same_file(by_name[name].path, path):  # the same file given twice counts once
+                    continue
                 raise ValueError(
-                    f"IMAGES: two inputs have the name {name!r} ({by_name[name].path} and {path}); "
+                    f"IMAGES: two inputs have the name {name!r} ({str(by_name[name].path)!r} and {str(path)!r}); "
                     "give their common parent folder instead"
                 )
             by_name[name] = Item(name, path)
@@ -88,6 +93,41 @@ def list_images(inputs: Iterable[str | os.PathLike]) -> list[Item]:
         raise FileNotFoundError(f"IMAGES: no {'/'.join(e[1:] for e in EXTENSIONS)} files in {list(map(str, inputs))}")
     check_unique_outputs(list(by_name))
     return [by_name[n] for n in sorted(by_name)]
+
+
+def _walk(folder: Path, prefix: PurePosixPath, ancestors: set[tuple[int, int]]) -> list[tuple[str, Path]]:
+    """(name, path) of every entry with an image extension under ``folder``, symbolic links to
+    folders followed (a link back to a folder it is in is not: its images are listed already).
+    An entry that is not a readable regular file (a dangling or looping link, a FIFO) is listed
+    all the same, so that the scan skips it by name instead of it vanishing."""
+    try:
+        info = folder.stat()
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise FileNotFoundError(f"IMAGES: the folder {str(folder)!r} cannot be listed ({e.strerror or e})") from e
+    here = (info.st_dev, info.st_ino)
+    if here in ancestors:
+        return []
+    found = []
+    for entry in entries:
+        name, path = prefix / entry.name, Path(entry.path)
+        try:
+            is_dir = entry.is_dir()  # follows links; False for a dangling or looping one
+        except OSError:
+            is_dir = False
+        if is_dir:
+            found += _walk(path, name, ancestors | {here})
+        elif Path(entry.name).suffix.lower() in EXTENSIONS:
+            found.append((name.as_posix(), path))
+    return found
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file (links followed); False when either cannot be reached."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def output_path(name: str, row: int) -> PurePosixPath:
@@ -109,7 +149,9 @@ def output_path(name: str, row: int) -> PurePosixPath:
 
 
 def check_unique_outputs(names: list[str]) -> list[PurePosixPath]:
-    """The output path of each name; ValueError naming two names that share one."""
+    """The output path of each name; ValueError naming two names that share one, or whose outputs
+    could not both exist (one would be a file and a folder of the other, as "a.png" and
+    "a.png/b.png")."""
     owner: dict[PurePosixPath, str] = {}
     paths = []
     for row, name in enumerate(names):
@@ -118,6 +160,11 @@ def check_unique_outputs(names: list[str]) -> list[PurePosixPath]:
             raise ValueError(f"images {owner[out]!r} and {name!r} would both be decoded to {str(out)!r}")
         owner[out] = name
         paths.append(out)
+    for out, name in owner.items():
+        for parent in out.parents:
+            if parent in owner:
+                raise ValueError(f"images {owner[parent]!r} and {name!r} cannot both be decoded: {str(parent)!r} "
+                                 "would be a PNG file and a folder; rename one of them")
     return paths
 
 
@@ -137,16 +184,29 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def _open(data: bytes):
+def file_digest(path: Path) -> str:
+    """``digest`` of a file's bytes, read in 1 MiB blocks ("" when it cannot be read)."""
+    hasher = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(2**20):
+                hasher.update(block)
+    except OSError:
+        return ""
+    return hasher.hexdigest()[:32]
+
+
+def _open(source):
+    """A PIL image from bytes or an open binary file."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # the command enforces its own limit (max_pixels) before decoding
-    return Image.open(io.BytesIO(data))
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
 def _unreadable(e: Exception) -> str:
-    """Why Pillow could not read an image, without the address of the in-memory buffer."""
-    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", str(e))
+    """Why Pillow could not read an image, without the repr of the buffer or file object."""
+    text = re.sub(r"<_io\.\w+ (object at 0x[0-9a-f]+|name=.*?)>", "the file", str(e))
     return f"not a readable image ({type(e).__name__}: {text})"
 
 
@@ -156,25 +216,70 @@ def _too_large(w: int, h: int, max_pixels: int) -> str | None:
     return None
 
 
-def scan(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
-    """Hash the bytes of ``path`` and read its header (no pixels are decoded)."""
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest image file a run reads: 8 bytes per pixel (16-bit RGBA, the widest format
+    these readers take, stored uncompressed) for ``max_pixels`` pixels, plus 64 MiB of metadata.
+    A larger file cannot hold an image under the limit; it is skipped without being read."""
+    return 8 * max_pixels + 64 * 2**20
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file (missing, a dangling link, not a regular
+    file...), or None when it is a regular file."""
     try:
-        data = Path(path).read_bytes()
+        mode = os.stat(path).st_mode
     except OSError as e:
-        return Header("", None, f"cannot be read ({e.strerror or e})")
+        link = "is a symbolic link whose target cannot be reached" if Path(path).is_symlink() else "cannot be read"
+        return f"{link} ({e.strerror or e})"
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" \
+            if stat.S_ISSOCK(mode) else "a device"
+        return f"is {kind}, not a regular file"
+    return None
+
+
+def scan(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
+    """Hash the bytes of ``path`` (read in blocks) and read its header: no pixels are decoded and
+    the file is never held in memory whole."""
+    problem = _not_a_file(path)
+    if problem:
+        return Header("", None, problem)
     try:
-        with _open(data) as image:
-            w, h = image.size
-            problem = _too_large(w, h, max_pixels)
+        size = os.stat(path).st_size
+    except OSError as e:  # gone since it was listed
+        return Header("", None, f"cannot be read ({e.strerror or e})")
+    if size > max_file_bytes(max_pixels):
+        return Header("", None, f"is {size} bytes, more than an image of --max-pixels {max_pixels} can take "
+                                f"({max_file_bytes(max_pixels)} bytes); not read")
+    hashed = file_digest(path)
+    try:
+        with open(path, "rb") as f:
+            w, h, orientation, problem = _header(f, max_pixels)
+    except OSError as e:
+        if not hashed or e.errno is not None:
+            return Header("", None, f"cannot be read ({e.strerror or e})")
+        return Header(hashed, None, _unreadable(e))  # Pillow's own OSErrors carry no errno
+    except Exception as e:  # PIL raises ValueError, SyntaxError...
+        return Header(hashed, None, _unreadable(e))
+    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
+        w, h = h, w
+    return Header(hashed, (w, h), problem)
+
+
+def _header(file, max_pixels: int) -> tuple[int, int, int, str | None]:
+    """(width, height, EXIF orientation, problem) from an open image file's header."""
+    with _open(file) as image:
+        w, h = image.size
+        problem = _too_large(w, h, max_pixels)
+        orientation = 1
+        # Pillow reads a PNG's EXIF by decoding the whole image when no eXIf chunk precedes the
+        # pixels: a header scan never does that (such a late chunk is read with the pixels).
+        if problem is None and not (image.format == "PNG" and "exif" not in image.info):
             try:
                 orientation = image.getexif().get(0x0112, 1)
             except Exception:  # a damaged EXIF block: reading the pixels will say more
                 orientation = 1
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError...
-        return Header(digest(data), None, _unreadable(e))
-    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
-        w, h = h, w
-    return Header(digest(data), (w, h), problem)
+    return w, h, orientation, problem
 
 
 def _to_rgb(image):
@@ -209,10 +314,19 @@ def load_image(path: Path, size: int | None, expected: str | None = None,
     ``expected`` (the scan's digest)."""
     from PIL import Image, ImageOps
 
+    problem = _not_a_file(path)
+    if problem:
+        raise SkipImage(problem)
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(max_file_bytes(max_pixels) + 1)
     except OSError as e:
         raise SkipImage(f"cannot be read ({e.strerror or e})") from e
+    except MemoryError as e:
+        raise SkipImage("does not fit in memory") from e
+    if len(data) > max_file_bytes(max_pixels):
+        raise SkipImage(f"has grown past {max_file_bytes(max_pixels)} bytes, more than an image of --max-pixels "
+                        f"{max_pixels} can take")
     if expected is not None and digest(data) != expected:
         raise SkipImage("changed while this run was reading the inputs (its bytes no longer match the scan "
                         "at the start); rerun to encode its new content")

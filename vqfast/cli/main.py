@@ -22,6 +22,8 @@ import signal
 import sys
 import traceback
 
+from ..models.messages import one_line
+
 #: command -> (module that implements it, one-line help)
 COMMANDS = {
     "demo": ("vqfast.cli.demo", "encode and decode a bundled image with the embedded model"),
@@ -59,10 +61,35 @@ def exit_status(error: BaseException) -> int:
 
 
 def message(error: BaseException) -> str:
+    """What the command prints of ``error``: one line (see vqfast.models.messages.one_line)."""
     text = str(error) or type(error).__name__
-    if isinstance(error, (UsageError, RunFailed, ValueError, FileNotFoundError)):
-        return text
-    return f"{type(error).__name__}: {text}"
+    if not isinstance(error, (UsageError, RunFailed, ValueError, FileNotFoundError)):
+        text = f"{type(error).__name__}: {text}"
+    return one_line(text)
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """The integer in environment variable ``name`` (``default`` when it is not set); UsageError
+    naming the variable when it is set to anything else (an empty string included)."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise UsageError(f"the environment variable {name} must be an integer of at least {minimum}, "
+                         f"got {one_line(repr(text), 80)}")
+    return value
+
+
+def _rank_label() -> str:
+    """"[rank N] " for an error printed under a launcher with several ranks; never fails."""
+    try:
+        return f"[rank {env_int('RANK', 0)}] " if env_int("WORLD_SIZE", 1) > 1 else ""
+    except UsageError:
+        return ""
 
 
 def _on_sigterm(signum, frame):
@@ -85,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             else:  # listed in --help without importing its module
                 sub.add_parser(name, help=help_text, add_help=False)
     except ImportError as e:  # a command's optional dependency (Pillow, tqdm, ...) is missing
-        print(f"vqfast {chosen}: error: {e}", file=sys.stderr)
+        print(f"vqfast {chosen}: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     args = parser.parse_args(argv)  # argparse prints usage and exits 2 on its own
     installed, previous = False, None
@@ -107,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         hint = "" if debug else " (--debug shows the traceback)"
         status = exit_status(e)
-        where = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
-        print(f"vqfast {args.command}: {where}error: {message(e)}{hint if status == EXIT_FAILED else ''}",
+        print(f"vqfast {args.command}: {_rank_label()}error: {message(e)}{hint if status == EXIT_FAILED else ''}",
               file=sys.stderr)
         return status
     finally:

@@ -38,7 +38,7 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 
-from .main import RunFailed
+from .main import RunFailed, UsageError, env_int
 
 T = TypeVar("T")
 #: How long a rank waits for the others at the end before torch.distributed gives up.
@@ -78,9 +78,14 @@ def start(device: str) -> Ranks:
     """Connect to the run's store when WORLD_SIZE > 1; device: "cpu", "cuda" or "cuda:N"
     (under torchrun a CUDA device becomes cuda:LOCAL_RANK, one GPU per rank)."""
     dev = parse_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", 1, minimum=1)
+    if world > 1:  # torch's rendezvous reads RANK itself; a bad value is named here first
+        if env_int("RANK", 0) >= world:
+            raise UsageError(f"the environment variable RANK must be below WORLD_SIZE={world}, "
+                             f"got {os.environ['RANK']}")
+        local_rank = env_int("LOCAL_RANK", 0)
     if world > 1 and dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
@@ -203,19 +208,22 @@ def _acquire(path: Path) -> int:
 @contextmanager
 def exclusive(path: Path, ranks: Ranks, what: str) -> Iterator[None]:
     """Hold the lock file ``path`` (rank 0) while the block runs; ValueError on every rank, naming
-    ``what`` and the process that holds it, when another run has it."""
+    ``what`` and the process that holds it, when another run has it (or naming the folder when
+    the lock cannot be created there)."""
     fd, problem = None, ""
     if ranks.is_main:
         try:
             fd = _acquire(path)
         except Busy as e:
-            problem = str(e)
-        except OSError as e:
-            problem = f"the lock file {path} cannot be created ({e.strerror or e})"
+            problem = (f"{what} is in use by another vqfast run ({e}); wait for it to end or choose another "
+                       f"output (lock: {path}; a killed run does not hold it)")
+        except OSError as e:  # a read-only or full folder: nothing else can be written there either
+            problem = (f"{what}: cannot create files in {path.parent} ({e.strerror or e}); choose an output in "
+                       "a folder this user can write to")
     try:
-        if all_min(ranks, 0 if problem or (ranks.is_main and fd is None) else 1) == 0:
-            raise ValueError(f"{what} is in use by another vqfast run ({problem or 'see rank 0'}); wait for it "
-                             f"to end or choose another output (lock: {path}; a killed run does not hold it)")
+        problems = gather(ranks, problem)
+        if problems[0]:
+            raise ValueError(problems[0])
         yield
     finally:
         if fd is not None:

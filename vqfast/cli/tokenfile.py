@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..models.atomic import write_atomically
+from ..models.atomic import PREFIX, SUFFIX, write_atomically
 from .images import tensor_bytes
 
 FORMAT = "vqfast.tokens/2"
@@ -142,8 +142,9 @@ def read_contents(path: Path) -> Contents:
         if not (isinstance(names, list) and isinstance(hashes, list) and len(names) == len(hashes)):
             raise ValueError("names and hashes must be lists of one entry per row")
         return Contents(Key.from_metadata(meta), names, hashes, skipped)
-    except (KeyError, TypeError, ValueError, IndexError) as e:  # ValueError covers bad JSON
-        raise ValueError(f"{path}: the metadata of this {FORMAT} file is incomplete or damaged ({e!r})") from e
+    except (KeyError, TypeError, ValueError, IndexError, RecursionError) as e:  # ValueError covers bad JSON
+        raise ValueError(f"{path}: the metadata of this {FORMAT} file is incomplete or damaged "
+                         f"({type(e).__name__})") from e
 
 
 def read_tokens(path: Path) -> torch.Tensor:
@@ -151,15 +152,6 @@ def read_tokens(path: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
     return load_file(str(path))[TENSOR]
-
-
-def file_digest(path: Path) -> str:
-    """32 hex digits of the SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(2**20):
-            h.update(block)
-    return h.hexdigest()[:32]
 
 
 def parts_folder(output: Path) -> Path:
@@ -170,6 +162,19 @@ def parts_folder(output: Path) -> Path:
 def list_parts(folder: Path) -> list[Path]:
     """The finished parts in ``folder`` (temporary files are hidden and not listed)."""
     return sorted(p for p in folder.glob("rank*.safetensors") if _PART.match(p.name)) if folder.is_dir() else []
+
+
+def remove_parts(folder: Path) -> None:
+    """Delete the parts in ``folder`` and the temporary files of killed writers, then the folder
+    when nothing else is left in it: a file of another program is never deleted."""
+    if not folder.is_dir():
+        return
+    for path in [*list_parts(folder), *folder.glob(f"{PREFIX}*{SUFFIX}")]:
+        path.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: the user's files stay, and so does the folder
+        pass
 
 
 def next_part(folder: Path, rank: int) -> Path:
@@ -201,20 +206,50 @@ def write_json(path: Path, value: Any) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def open_for_decode(path: Path) -> tuple[torch.Tensor, list[str], dict[str, str]]:
-    """(tokens (N, h, w), names, metadata) of a token file, with its structure checked: ValueError
-    naming the file, the tensor and what was seen and expected when ``tokens`` is missing, not an
-    integer tensor or not 3-D, or ``names`` does not hold N strings. Files without vqfast metadata
-    are accepted; their images are named by row number."""
-    from safetensors.torch import load_file
+def _metadata_in(data: bytes, path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes; ValueError naming ``path`` when the header is not
+    a safetensors header."""
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + size]) if 8 + size <= len(data) else None
+        meta = header.get("__metadata__") or {} if isinstance(header, dict) else None
+    except (struct.error, ValueError, RecursionError) as e:  # ValueError covers bad JSON and UTF-8
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__})") from e
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ValueError(f"{path} is not a readable safetensors file (its header is not a JSON object of "
+                         "tensors with string metadata)")
+    return meta
+
+
+@dataclass(frozen=True)
+class Decodable:
+    """A token file as decode reads it: tokens (N, h, w), names, metadata, and the digest of the
+    very bytes these came from (what the PNGs' stamps name)."""
+
+    tokens: torch.Tensor
+    names: list[str]
+    meta: dict[str, str]
+    digest: str
+
+
+def open_for_decode(path: Path) -> Decodable:
+    """A token file, read once, with its structure checked: ValueError naming the file, the
+    tensor and what was seen and expected when ``tokens`` is missing, not an integer tensor or
+    not 3-D, or ``names`` does not hold N strings. Files without vqfast metadata are accepted;
+    their images are named by row number. The bytes are read once and hashed as read, so the
+    digest belongs to these tokens even when the file is replaced meanwhile."""
+    from safetensors.torch import load
 
     if not path.is_file():
         raise FileNotFoundError(f"TOKENS: token file not found: {path}")
-    meta = read_metadata(path)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()[:32]
+    meta = _metadata_in(data, path)
     try:
-        tensors = load_file(str(path))
+        tensors = load(data)
     except Exception as e:  # safetensors raises its own error types (truncated data, unknown dtype...)
         raise ValueError(f"{path}: the tensors cannot be read: {e}") from e
+    del data
     if TENSOR not in tensors:
         raise ValueError(f"{path} has no tensor {TENSOR!r} (it holds {sorted(tensors) or 'no tensors'})")
     tokens = tensors[TENSOR]
@@ -230,15 +265,16 @@ def open_for_decode(path: Path) -> tuple[torch.Tensor, list[str], dict[str, str]
                          f"got shape {tuple(tokens.shape)}")
     n = tokens.shape[0]
     if "names" not in meta:
-        return tokens, [f"{i:06d}" for i in range(n)], meta
+        return Decodable(tokens, [f"{i:06d}" for i in range(n)], meta, digest)
     try:
         names = json.loads(meta["names"])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: metadata 'names' is not JSON: {e}") from e
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: metadata 'names' is not JSON of a list of names ({type(e).__name__})") from e
     if not (isinstance(names, list) and len(names) == n and all(isinstance(x, str) for x in names)):
+        size = f" of {len(names)}" if isinstance(names, (list, dict, str)) else ""
         raise ValueError(f"{path}: metadata 'names' must be a list of {n} strings (one per row of "
-                         f"{TENSOR!r} {tuple(tokens.shape)}), got {type(names).__name__} of {len(names)}")
-    return tokens, names, meta
+                         f"{TENSOR!r} {tuple(tokens.shape)}), got {type(names).__name__}{size}")
+    return Decodable(tokens, names, meta, digest)
 
 
 def check_ids(path: Path, tokens: torch.Tensor, meta: dict[str, str], num_codes: int) -> None:

@@ -2,18 +2,21 @@
 
 ``vqfast encode IMAGES_OR_DIR... --model DIR -o tokens.safetensors``
 
-- Inputs: image files, and folders searched recursively for png/jpg/jpeg/webp/bmp. An image's
-  name is its path relative to the folder given (its file name when given itself); work goes in
-  name order. A first pass hashes every file (SHA-256 of its bytes) and reads its header without
-  decoding pixels: headers over ``--max-pixels`` (default 8192 x 8192) and unreadable files are
-  skipped by name. ``--size N`` resizes each image (shorter side, bicubic) and crops the centre to
+- Inputs: image files, and folders searched recursively for png/jpg/jpeg/webp/bmp (links to
+  folders followed). An image's name is its path relative to the folder given (its file name when
+  given itself); work goes in name order; every name is a row or a named skip (a link to another
+  input is its own row; a dangling link, a FIFO is skipped). A first pass hashes every file
+  (SHA-256, read in blocks) and reads its header without decoding pixels: headers over
+  ``--max-pixels`` (default 8192 x 8192), files larger than such an image can be, and unreadable
+  files are skipped by name. ``--size N`` resizes each image (shorter side, bicubic) and crops the centre to
   N x N; without it all readable images must have one size: mixed sizes are refused, listed.
   The size must be a multiple of the model's downsampling factor, 2**(len(block_out_channels)
   - 1), and one image's working memory must fit ``--max-memory``, or the run is refused.
 - Output: one safetensors file with ``tokens`` (N, h, w), int16 (int32 when K > 32768), the ids of
   ``model.quantize(model.encode(x).latents)``, and metadata: ``names`` (JSON list, row order), the
   hash of each row's image file, K, grid, image size, model digest, dtype, batch size, vqfast
-  version. Next to it a manifest (``tokens.manifest.json`` for ``-o tokens.safetensors``):
+  version. Next to it a manifest named after the whole output name
+  (``tokens.safetensors.manifest.json``):
   ``rows`` (name -> row), ``skipped`` (name -> reason), counts, ``world_size``.
 - An image that cannot be read is reported by name on stderr, skipped and listed in the manifest.
   Exit status 0; 1 when no image could be encoded, or with ``--strict`` when any was skipped (the
@@ -23,7 +26,10 @@
   whose name and bytes are unchanged, so a finished run recomputes nothing and new inputs are
   added. An output or parts made with another model, dtype, image size, ``--size`` or batch size,
   holding images that are not among the inputs, or whose images changed, are refused (naming what
-  differs), never mixed or silently dropped: ``--overwrite`` deletes them and encodes from scratch.
+  differs), never mixed or silently dropped: ``--overwrite`` deletes them and encodes from scratch,
+  once every argument and input has been checked, and only vqfast's own files (a file at ``-o``
+  that is not a token file is refused, never deleted). An output that is, or would replace, an
+  input image is refused.
   Without ``--batch-size`` a rerun takes the earlier run's batch size when the budget allows.
 - Resume: batches go to ``<output>.parts/``, each written under a temporary name and renamed. At
   the end rank 0 merges them into the output (atomically: the old output stays whole until
@@ -33,12 +39,16 @@
 
 - Refused before any compute (exit status 2; the message names the file, the tensor, what was
   seen and what was expected): no ``tokens`` tensor, a non-integer or non-3-D one, ids outside
-  [0, K) for the model, metadata made for another K, ``names`` that do not match the rows, or a
-  token file made by another model (its weights' fingerprint differs; ``--force`` decodes anyway).
+  [0, K) for the model, metadata made for another K, ``names`` that do not match the rows or whose
+  PNGs could not all be written (a file and a folder of it), a token file made by another model
+  (its weights' fingerprint differs; ``--force`` decodes anyway), or PNG paths that would replace
+  the token file, a source image it was encoded from (even with ``--overwrite``), or are taken by a
+  folder.
   Token files without vqfast metadata are accepted; their images are named by row number.
 - Writes ``OUT_DIR/<name>.png`` per row (the name's extension replaced by .png; "..", leading
   dots and unusual characters replaced by "_"), each to a temporary name and renamed. Each PNG
-  carries a stamp (this token file's hash, the row, the model, dtype and batch size); a rerun
+  carries a stamp (the hash of the token file's bytes this run read, the row, the model, dtype and
+  batch size); a rerun
   skips the PNGs whose stamp matches and refuses to start when OUT_DIR holds other PNGs under
   these names (``--overwrite`` replaces them). Rank 0 writes ``OUT_DIR/manifest.json`` (name ->
   PNG, counts). Pixels: round(clamp(x / 2 + 0.5, 0, 1) * 255), as diffusers' image processor.
@@ -62,18 +72,18 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import torch
 
 from . import budget, images, sharding, tokenfile
 from ..models.atomic import remove_stale, tag
+from ..models.messages import one_line
 from ..models.model import VQModel
 from .main import RunFailed, UsageError
 
@@ -192,9 +202,9 @@ def choose_batch(args: argparse.Namespace, ranks: sharding.Ranks, model: VQModel
                 f"batch can change a token in a near tie, so work of two batch sizes is never mixed; "
                 f"pass --batch-size {theirs} (and a --max-memory that allows it) to resume, or --overwrite")
     if ranks.is_main:
-        print(f"batch size {size}{note}: --max-memory {budget.format_size(limit)}{given}, "
-              f"{budget.format_size(per_image)} per {width}x{height} image ({how}, "
-              f"{str(model.dtype).removeprefix('torch.')} on {ranks.device})", flush=True)
+        say(f"batch size {size}{note}: --max-memory {budget.format_size(limit)}{given}, "
+            f"{budget.format_size(per_image)} per {width}x{height} image ({how}, "
+            f"{str(model.dtype).removeprefix('torch.')} on {ranks.device})")
     return size
 
 
@@ -206,9 +216,15 @@ def progress(ranks: sharding.Ranks, total: int, command: str):
 
 
 def report(command: str, message: str) -> None:
+    """A warning on stderr, in one line (see vqfast.models.messages.one_line)."""
     from tqdm import tqdm
 
-    tqdm.write(f"vqfast {command}: {message}", file=sys.stderr)
+    tqdm.write(f"vqfast {command}: {one_line(message)}", file=sys.stderr)
+
+
+def say(message: str) -> None:
+    """A progress line on stdout, in one line."""
+    print(one_line(message, 4000), flush=True)
 
 
 def examples(names, count: int = 5) -> str:
@@ -226,6 +242,11 @@ def check_name_lengths(paths: list[Path], what: str) -> None:
             if size > 255:
                 raise UsageError(f"{what}: the file name {part[:40]!r}... would be {size} bytes long; "
                                  "file systems allow 255")
+
+
+def check_workers(value: int) -> None:
+    if value < 1:
+        raise UsageError(f"--workers must be at least 1, got {value}")
 
 
 def check_max_pixels(value: int) -> int:
@@ -283,14 +304,19 @@ class Earlier:
         return {c.key.batch_size for _, c in self.files}
 
 
-def read_earlier(output: Path) -> Earlier:
+def read_earlier(output: Path, overwrite: bool) -> Earlier:
+    """The token files earlier runs left for ``output`` (it, and its parts). UsageError when one
+    of them is not a vqfast token file: it is never read as one, and never deleted either, not
+    even by --overwrite (the file may be the user's)."""
     sources = ([output] if output.exists() else []) + tokenfile.list_parts(tokenfile.parts_folder(output))
     files = []
     for source in sources:
         try:
             files.append((source, tokenfile.read_contents(source)))
         except ValueError as e:
-            raise UsageError(f"-o: {e}; choose another -o, or pass --overwrite to replace it") from e
+            advice = ("--overwrite replaces only vqfast token files: move it away yourself" if overwrite
+                      else "choose another -o, or move it away")
+            raise UsageError(f"-o: {e}; {advice}") from e
     return Earlier(files)
 
 
@@ -328,29 +354,57 @@ def reusable(earlier: Earlier, key: tokenfile.Key, output: Path, hashes: dict[st
     return rows, skips
 
 
+def manifest_of(output: Path) -> Path:
+    """The manifest beside token file ``output``: named after its whole file name, so that two
+    outputs in one folder (``ds.train``, ``ds.val``) never share one."""
+    return output.with_name(output.name + ".manifest.json")
+
+
+def check_outputs_spare_inputs(items: list[images.Item], output: Path) -> None:
+    """UsageError when a file this run writes or deletes (the token file, its manifest, its parts
+    folder) is one of the input images, or holds one: vqfast never writes over its inputs."""
+    parts = Path(os.path.realpath(tokenfile.parts_folder(output)))
+    mine = [p for p in (output, manifest_of(output)) if p.exists()]
+    for item in items:
+        path = Path(os.path.realpath(item.path))  # never raises, links that loop included
+        if any(images.same_file(item.path, p) for p in mine) or parts in path.parents:
+            raise UsageError(f"-o {str(output)!r}: the run would write over the input image {item.name!r} "
+                             f"({str(item.path)!r}); vqfast never writes over its inputs: choose another -o")
+
+
+def check_manifest(path: Path) -> None:
+    """UsageError when ``path`` exists and is not a manifest written by vqfast encode: writing the
+    run's manifest would replace a file that is not the command's."""
+    if not path.exists():
+        return
+    try:
+        value = json.loads(path.read_bytes()[: 2**20 + 1]) if path.stat().st_size <= 2**30 else None
+        ours = isinstance(value, dict) and str(value.get("format", "")).startswith("vqfast.encode-manifest")
+    except (OSError, ValueError, RecursionError):
+        ours = False
+    if not ours:
+        raise UsageError(f"-o: {str(path)!r}, where this run writes its manifest, is not a vqfast encode manifest; "
+                         "move it away or choose another -o")
+
+
 def run_encode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
     output = Path(args.output)
     if output.is_dir():
         raise UsageError(f"-o {str(output)!r} is a folder; expected the path of the token file to write")
+    check_workers(args.workers)
     max_pixels = check_max_pixels(args.max_pixels)
+    parts, manifest_path = tokenfile.parts_folder(output), manifest_of(output)
+    check_name_lengths([Path(output.name), Path(parts.name), Path(manifest_path.name)], "-o")
     items = images.list_images(args.inputs)
+    check_outputs_spare_inputs(items, output)
     model = load_model(args, ranks.device)
     factor = downsampling(model)
-    parts = tokenfile.parts_folder(output)
-    manifest_path = output.with_suffix(".manifest.json")
-    check_name_lengths([Path(output.name), Path(parts.name), Path(manifest_path.name)], "-o")
     lock = output.parent / f".vqfast-{tag(output.name)}.lock"
     with sharding.exclusive(lock, ranks, f"-o {output}"):
         if ranks.is_main:
             remove_stale([output, manifest_path])
-            if parts.is_dir():
-                for stale in parts.glob(".vqfast-*.tmp"):
-                    stale.unlink(missing_ok=True)
-            if args.overwrite and (output.exists() or parts.exists()):
-                print(f"--overwrite: deleting {output}" + (f" and {parts}" if parts.exists() else ""), flush=True)
-                output.unlink(missing_ok=True)
-                manifest_path.unlink(missing_ok=True)
-                shutil.rmtree(parts, ignore_errors=True)
+            for stale in parts.glob(".vqfast-*.tmp") if parts.is_dir() else ():
+                stale.unlink(missing_ok=True)
         sharding.barrier(ranks)
         return encode_locked(args, ranks, model, items, factor, max_pixels, output, manifest_path)
 
@@ -360,16 +414,21 @@ def encode_locked(args, ranks, model, items, factor, max_pixels, output, manifes
     hashes = {item.name: header.digest for item, header in zip(items, headers)}
     skipped = {item.name: header.problem for item, header in zip(items, headers) if header.problem}
     readable = [(item, header) for item, header in zip(items, headers) if not header.problem]
-    earlier = read_earlier(output)
+    check_manifest(manifest_path)
+    earlier = read_earlier(output, args.overwrite)  # read even when --overwrite: it deletes only vqfast's files
+    if args.overwrite:
+        earlier = Earlier([])
     if not readable and not earlier.files:
-        raise NothingEncoded(f"none of the {len(items)} images could be read:\n  "
-                             + "\n  ".join(f"{n!r}: {r}" for n, r in skipped.items()))
+        raise NothingEncoded(f"none of the {len(items)} images could be read: "
+                             + "; ".join(f"{n!r} {r}" for n, r in list(skipped.items())[:5])
+                             + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""))
     if readable or args.size:
         height, width = run_size(readable, args.size, factor)
     else:  # every input was read before: the earlier run's size (the key check below still applies)
         height, width = earlier.files[0][1].key.image_size
-    dummy = torch.zeros(1, 3, height, width, device=ranks.device, dtype=model.dtype)
-    batch = choose_batch(args, ranks, model, height, width, "encode", lambda: encode_ids(model, dummy),
+    batch = choose_batch(args, ranks, model, height, width, "encode",
+                         lambda: encode_ids(model, torch.zeros(1, 3, height, width, device=ranks.device,
+                                                               dtype=model.dtype)),
                          earlier.batch_sizes(), f"-o {output} (and its parts)")
     key = tokenfile.Key(
         model=tokenfile.fingerprint(model), num_vq_embeddings=model.quantize.n_e,
@@ -378,6 +437,14 @@ def encode_locked(args, ranks, model, items, factor, max_pixels, output, manifes
         batch_size=batch,
     )
     rows, earlier_skips = reusable(earlier, key, output, hashes)
+    # Everything is validated: only now may --overwrite delete the earlier run's files.
+    parts = tokenfile.parts_folder(output)
+    if args.overwrite and ranks.is_main and (output.exists() or parts.exists()):
+        say(f"--overwrite: deleting {output}" + (f" and the parts in {parts}" if parts.exists() else ""))
+        output.unlink(missing_ok=True)
+        manifest_path.unlink(missing_ok=True)
+        tokenfile.remove_parts(parts)
+    sharding.barrier(ranks)
     # an earlier row for the same bytes stays (e.g. under a lower --max-pixels): nothing is dropped
     skipped = {name: reason for name, reason in skipped.items() if name not in rows}
     todo = [item for item, _ in readable if item.name not in rows and item.name not in earlier_skips]
@@ -385,8 +452,7 @@ def encode_locked(args, ranks, model, items, factor, max_pixels, output, manifes
         for name, reason in skipped.items():
             report("encode", f"skipped {name!r}: {reason}")
         if rows and todo:
-            print(f"{len(rows)} images are already encoded in {output} or its parts; encoding the other "
-                  f"{len(todo)}", flush=True)
+            say(f"{len(rows)} images are already encoded in {output} or its parts; encoding the other {len(todo)}")
 
     def load(item: images.Item) -> torch.Tensor:
         x = images.load_image(item.path, args.size, hashes[item.name], max_pixels)
@@ -394,13 +460,12 @@ def encode_locked(args, ranks, model, items, factor, max_pixels, output, manifes
             raise images.SkipImage(f"is {x.shape[2]}x{x.shape[1]} once read, the run's images are {width}x{height}")
         return x
 
-    parts = tokenfile.parts_folder(output)
     mine = sharding.shard(sharding.batches(todo, batch), ranks)
     new_skips: dict[str, str] = {}
     with progress(ranks, sum(map(len, mine)), "encode") as bar:
         for chunk, x, bad in images.stream_batches(mine, load, args.workers):
             for item, reason in bad:
-                report("encode", f"skipped {item.name!r} ({item.path}): {reason}")
+                report("encode", f"skipped {item.name!r} ({str(item.path)!r}): {reason}")
                 new_skips[item.name] = reason
             ids = encode_ids(model, x.to(ranks.device, model.dtype)) if x is not None else torch.zeros(0, *key.grid)
             tokenfile.write(tokenfile.next_part(parts, ranks.rank), ids, [i.name for i in chunk], key,
@@ -444,11 +509,11 @@ def finish_encode(args, ranks, items, skipped, reused, hashes, key, output, mani
         "from_earlier_runs": kept, "world_size": ranks.world,
         "key": dataclasses.asdict(key), "rows": merged, "skipped": dict(sorted(skipped.items())),
     })
-    shutil.rmtree(parts, ignore_errors=True)
+    tokenfile.remove_parts(parts)
     if names:
-        print(f"{len(names)} of {len(items)} images -> {output} ({key.grid[0]}x{key.grid[1]} tokens each"
-              + (f"; {kept} kept from earlier runs" if kept else "") + ")"
-              + (f"; {len(skipped)} skipped, listed in {manifest_path}" if skipped else ""))
+        say(f"{len(names)} of {len(items)} images -> {output} ({key.grid[0]}x{key.grid[1]} tokens each"
+            + (f"; {kept} kept from earlier runs" if kept else "") + ")"
+            + (f"; {len(skipped)} skipped, listed in {manifest_path}" if skipped else ""))
     else:
         report("encode", f"none of the {len(items)} images could be encoded; reasons in {manifest_path}")
 
@@ -464,20 +529,39 @@ def stamp(digest: str, row: int, name: str, model: str, dtype: str, batch: int) 
 
 def read_png_stamp(path: Path) -> dict | str | None:
     """A PNG's stamp as a dict; None when there is no file; "foreign" when there is a file
-    without a readable vqfast stamp."""
+    without a readable vqfast stamp; "not a file" when something else (a folder) is there."""
     if not path.exists():
-        return None
+        return "not a file" if path.is_symlink() else None
+    if not path.is_file():
+        return "not a file"
     text = images.read_stamp(path)
     try:
         value = json.loads(text) if text else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         value = None
     return value if isinstance(value, dict) else "foreign"
 
 
+def check_outputs_spare_source(source: Path, out_dir: Path, targets: list[PurePosixPath]) -> None:
+    """UsageError when a file decode writes (a PNG, the manifest) is the token file itself, or
+    when a PNG's path runs through a file (a PNG's folder exists as a file): found before any
+    compute, instead of failing after it."""
+    for target in [*targets, PurePosixPath("manifest.json")]:
+        path = out_dir / target
+        if images.same_file(path, source):
+            raise UsageError(f"-o {str(out_dir)!r}: the run would write over the token file {str(source)!r} "
+                             f"({str(target)!r}); vqfast never writes over its inputs: choose another -o")
+        for parent in list(path.parents)[: len(target.parts) - 1]:
+            if parent.exists() and not parent.is_dir():
+                raise UsageError(f"-o {str(out_dir)!r}: {str(parent)!r} is a file, where the PNG {str(target)!r} "
+                                 "needs a folder; move it away or choose another -o")
+
+
 def run_decode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
+    check_workers(args.workers)
     source = Path(args.tokens)
-    tokens, names, meta = tokenfile.open_for_decode(source)
+    read = tokenfile.open_for_decode(source)
+    tokens, names, meta = read.tokens, read.names, read.meta
     model = load_model(args, ranks.device)
     tokenfile.check_ids(source, tokens, meta, model.quantize.n_e)
     fingerprint = tokenfile.fingerprint(model)
@@ -491,15 +575,25 @@ def run_decode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {str(out_dir)!r} is a file; expected a folder for the PNG files")
-    digest = tokenfile.file_digest(source)
+    check_outputs_spare_source(source, out_dir, targets)
     with sharding.exclusive(out_dir / ".vqfast-decode.lock", ranks, f"-o {out_dir}"):
         if ranks.is_main:
             remove_stale([out_dir / t for t in targets] + [out_dir / "manifest.json"])
         sharding.barrier(ranks)
-        return decode_locked(args, ranks, model, tokens, names, targets, out_dir, source, digest, fingerprint)
+        return decode_locked(args, ranks, model, tokens, names, meta, targets, out_dir, source, read.digest,
+                             fingerprint)
 
 
-def decode_locked(args, ranks, model, tokens, names, targets, out_dir, source, digest, fingerprint) -> int:
+def source_hashes(meta: dict[str, str]) -> set[str]:
+    """The hashes of the image files a vqfast token file was encoded from (empty for others)."""
+    try:
+        hashes = json.loads(meta.get("hashes", "[]"))
+    except (json.JSONDecodeError, RecursionError):
+        return set()
+    return {h for h in hashes if isinstance(h, str) and h} if isinstance(hashes, list) else set()
+
+
+def decode_locked(args, ranks, model, tokens, names, meta, targets, out_dir, source, digest, fingerprint) -> int:
     factor = downsampling(model)
     n, h, w = tokens.shape
     dtype = str(model.dtype).removeprefix("torch.")
@@ -518,6 +612,16 @@ def decode_locked(args, ranks, model, tokens, names, targets, out_dir, source, d
     done = [isinstance(s, dict) and json.dumps(s, sort_keys=True, separators=(",", ":")) == expected[r]
             for r, s in enumerate(found)]
     foreign = [r for r, s in enumerate(found) if s is not None and not done[r]]
+    blocked = [r for r in foreign if found[r] == "not a file"]
+    if blocked:
+        raise UsageError(f"-o {out_dir}: {len(blocked)} PNG paths are taken by something that is not a file, such as "
+                         f"a folder ({examples(str(targets[r]) for r in blocked)}); move them away or choose another -o")
+    originals = source_hashes(meta) if foreign else set()
+    sources = [r for r in foreign if originals and images.file_digest(out_dir / targets[r]) in originals]
+    if sources:  # decoding into the images' own folder: --overwrite would replace the photos themselves
+        raise UsageError(f"-o {out_dir} holds {len(sources)} of the images this token file was encoded from, under the "
+                         f"names decode writes ({examples(str(targets[r]) for r in sources)}); vqfast never writes "
+                         "over them, not even with --overwrite: choose another -o")
     if foreign and not args.overwrite:
         first, theirs = foreign[0], found[foreign[0]]
         if isinstance(theirs, dict):
@@ -553,8 +657,8 @@ def decode_locked(args, ranks, model, tokens, names, targets, out_dir, source, d
             "replaced": len(foreign), "world_size": ranks.world, "batch_size": batch,
             "outputs": {name: str(t) for name, t in zip(names, targets)},
         })
-        print(f"{n} images in {out_dir} ({written} written, {n - written} already there"
-              + (f"; {len(foreign)} PNGs of another run replaced (--overwrite)" if foreign else "") + ")")
+        say(f"{n} images in {out_dir} ({written} written, {n - written} already there"
+            + (f"; {len(foreign)} PNGs of another run replaced (--overwrite)" if foreign else "") + ")")
     return 0
 
 

@@ -32,21 +32,26 @@ def tag(name: str) -> str:
 def write_atomically(target: Path, write: Callable[[str], object]) -> None:
     """Call ``write(temporary_path)`` in ``target``'s folder, then rename the file to ``target``:
     a crash leaves the old file or none, never a torn one (and at worst a temporary file, which
-    ``remove_stale`` deletes).
+    ``remove_stale`` deletes). An OSError (a full disk, a read-only folder) is raised again as
+    the same type, naming ``target``.
 
     The file gets the permissions a plain ``open(target, "w")`` would give (0666 less the umask)
     rather than mkstemp's 0600, so outputs are as readable as any other file.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{PREFIX}{tag(target.name)}-", suffix=SUFFIX)
-    os.close(fd)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{PREFIX}{tag(target.name)}-", suffix=SUFFIX)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:  # a full disk, a read-only folder: name the file
+            raise type(e)(e.errno, f"cannot write {target} ({e.strerror or e})") from e
         raise
 
 

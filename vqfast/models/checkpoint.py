@@ -78,6 +78,8 @@ def read_config(folder: Path) -> dict[str, Any]:
         config = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise OSError(f"could not read the config file {file}: {e}") from e
+    except RecursionError as e:  # json's parser recurses once per nesting level
+        raise OSError(f"could not read the config file {file}: its JSON is nested too deeply") from e
     if not isinstance(config, dict):
         raise ValueError(f"config file {file} must hold a JSON object, got {type(config).__name__}")
     validate_config({k: v for k, v in config.items() if not k.startswith("_")}, str(file))  # names the file
@@ -145,7 +147,8 @@ def _shards(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         files = list(dict.fromkeys(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
+            RecursionError) as e:
         raise OSError(f"could not read the shard index {index}: it must be JSON with a 'weight_map' object ({e!r})") from e
     shards = [index.parent / name for name in files]
     missing = [p.name for p in shards if not p.is_file()]

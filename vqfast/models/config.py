@@ -7,6 +7,8 @@ import math
 import warnings
 from typing import Any, Callable
 
+from .messages import short_repr
+
 
 class FrozenConfig(dict):
     """A read-only dict whose keys are also attributes (diffusers' FrozenDict behaviour)."""
@@ -71,7 +73,7 @@ def validate_config(config: dict[str, Any], source: str | None = None, defaults:
     c = {**(defaults or {}), **config}
 
     def bad(key: str, expected: str) -> ValueError:
-        return ValueError(f"{where}: {key!r} is {c[key]!r}; expected {expected}")
+        return ValueError(f"{where}: {key!r} is {short_repr(c[key])}; expected {expected}")
 
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)

@@ -253,12 +253,20 @@ def conv(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``. A channels_last x on the CPU meets channels_last weights, built once per
     weight state (vqfast.ops.derived): with NCHW weights oneDNN reorders them and copies its
     output on every call (a 19 ms copy beside an 81 ms 128-channel 256x256 convolution here).
-    Wide 3x3 convolutions go through Winograd instead (_by_winograd). A module with hooks is
-    called as one, so they run."""
+    Wide 3x3 convolutions go through Winograd instead (_by_winograd). Where conv_add and
+    conv_into may sum in place (_sums_in_place), it runs the same oneDNN op without the sum, so
+    in-place and out-of-place give the same values on every CPU by construction (aten's own
+    convolution picks another kernel for small batch-1 inputs: im2col and the BLAS, whose
+    summation order differs between AVX2 and AVX-512). A module with hooks is called as one, so
+    they run."""
     if not _eager_cpu_channels_last(x) or type(module) is not nn.Conv2d or hooked(module):
         return module(x)
     if _by_winograd(module, x):
         return _winograd(module, x, torch.empty(_conv_shape(module, x), dtype=x.dtype, memory_format=torch.channels_last))
+    if _sums_in_place(module, x):  # the op whose in-place sum conv_add and conv_into run: the same values
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, derived(_channels_last, module.weight), module.bias, list(module.padding), list(module.stride),
+            list(module.dilation), module.groups, "none", [], None)
     return module._conv_forward(x, derived(_channels_last, module.weight), module.bias)
 
 

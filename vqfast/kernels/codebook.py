@@ -229,7 +229,7 @@ def aot_cases() -> list[tuple[torch.dtype, int, int, bool]]:
 
 def compile_spec(z_dtype: torch.dtype, book_dtype: torch.dtype, D: int, K: int, write_zq: bool, arch: int = 90):
     """(signature, constexprs, num_warps) of the launch ``nearest_code`` makes for these inputs,
-    for ahead-of-time compilation (kernels/aot.py). Pointers are given as the torch dtype they
+    for ahead-of-time compilation (vqfast/kernels/aot.py). Pointers are given as the torch dtype they
     point to; sizes and strides as 32-bit ints."""
     acc = torch.float64 if torch.float64 in (z_dtype, book_dtype) else torch.float32
     cfg = launch_config(D, K, acc, arch)
@@ -332,7 +332,7 @@ BENCH_ROWS = 65536
 
 
 def aot_launches(arch: int) -> list[dict]:
-    """The launches of aot_cases() for kernels/aot.py: compile spec, what one hot-loop trip
+    """The launches of aot_cases() for vqfast/kernels/aot.py: compile spec, what one hot-loop trip
     covers, and the benchmark case's items and bytes."""
     out = []
     for dtype, D, K, write_zq in aot_cases():

@@ -844,7 +844,7 @@ def _note(layout: str, path: str, CG: int, P: int, itemsize: int, spatial: bool)
 
 
 def aot_launches(arch: int) -> list[dict]:
-    """The launches of aot_cases() for kernels/aot.py, with the benchmark case's bytes: the stats
+    """The launches of aot_cases() for vqfast/kernels/aot.py, with the benchmark case's bytes: the stats
     pass reads x once, the apply pass reads x and writes y."""
     out = []
     for dtype, layout, B, C, G, P, spatial in aot_cases():
