@@ -13,6 +13,28 @@ import torch  # noqa: E402
 
 import vqfast  # noqa: E402
 
+
+def _interpreted_scalars_index_as_triton_37_does() -> None:
+    """Triton 3.6's interpreter turns a runtime scalar (a loop bound such as K - K % BLOCK_K) into
+    a Python int with int() of a one-element array, which numpy 2.4 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"); triton 3.7 and later squeeze it first. The same
+    squeeze here, for the interpreter only: compiled kernels never take this path, and users'
+    numpy stays unpinned."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # no triton: the eager path only
+        return
+    patch = interpreter._patch_lang_tensor
+
+    def patch_with_squeeze(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_with_squeeze
+
+
+_interpreted_scalars_index_as_triton_37_does()
+
 #: Where kernel tests put their tensors: the GPU when there is one and the kernels are compiled.
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
 

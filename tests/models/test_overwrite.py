@@ -60,7 +60,7 @@ def test_resnet_block_overwrite_gives_the_same_values_and_only_then_writes_its_i
     assert given_up.is_contiguous(memory_format=layout)
 
 
-@pytest.mark.skipif(not _X86_ONEDNN, reason="oneDNN's in-place convolution-plus-sum is used on x86-64 CPUs only")
+@pytest.mark.skipif(not _X86_ONEDNN, reason="oneDNN's in-place convolution-plus-sum is used on x86-64 CPUs with AVX2 or more only")
 def test_resnet_block_sums_into_its_input_on_the_eager_cpu_path():
     """fp32 channels_last: conv2 adds the residual into x (oneDNN's in-place sum) and norm2
     shifts conv1's output in place, so the block makes two full-size tensors (norm1's output and
@@ -223,7 +223,7 @@ def test_downsample_with_hooks_sees_the_padded_input():
     assert seen == [torch.Size([1, 8, 9, 9])]
 
 
-@pytest.mark.skipif(not _X86_ONEDNN, reason="oneDNN's in-place convolution-plus-sum is used on x86-64 CPUs only")
+@pytest.mark.skipif(not _X86_ONEDNN, reason="oneDNN's in-place convolution-plus-sum is used on x86-64 CPUs with AVX2 or more only")
 @pytest.mark.parametrize("spatial", [False, True], ids=["group_norm", "spatial_norm"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_a_blocks_later_resnets_write_into_the_earlier_ones_dead_tensors(spatial, batch):

@@ -119,7 +119,7 @@ def _vm_flags(address: int) -> list[str]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-@pytest.mark.skipif(not _X86_ONEDNN, reason="oneDNN's in-place convolution-plus-sum is used on x86-64 CPUs only")
+@pytest.mark.skipif(not _X86_ONEDNN, reason="oneDNN's in-place convolution-plus-sum is used on x86-64 CPUs with AVX2 or more only")
 def test_the_encoder_makes_its_top_resolution_activations_once(monkeypatch):
     """fp32 channels_last, no gradient: the encoder makes three tensors of its top resolution
     (conv_in's output, the first norm1's and conv1's) and none of the lower ones' sizes, which

@@ -350,8 +350,11 @@ def conv_add(module: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor, overwri
 
 
 #: oneDNN's in-place convolution-plus-sum is an x86-64 oneDNN op here (tested there; on ARM
-#: PyTorch's oneDNN goes through the Arm Compute Library, where it is not checked).
-_X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64")
+#: PyTorch's oneDNN goes through the Arm Compute Library, where it is not checked), on CPUs with
+#: AVX2 or more: with oneDNN capped to SSE4.1 it crashed (a segmentation fault inside the op,
+#: in the model's encoder, torch 2.13's oneDNN 3.12).
+_X86_ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and \
+    torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _sums_in_place(module: nn.Conv2d, x: torch.Tensor) -> bool:
