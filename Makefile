@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 # would pull a multi-GB CUDA build. An already installed torch (any build) is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test demo test test-bare bench bench-pytest
+.PHONY: install install-test demo test test-bare test-avx2 test-triton-oldest bench bench-pytest
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -28,6 +28,27 @@ test: install-test
 # demo must work there without a warning.
 test-bare:
 	TORCH_SPEC="$(TORCH_SPEC)" $(PYTHON) .ci/bare_install.py
+
+# The CPU numerics (tests/ops, tests/models) again with the vector ISA capped to AVX2 in ATen,
+# oneDNN and MKL: no result may rest on the kernels an AVX-512 CPU picks. isa_cap.py first checks
+# that the cap took effect. CI runs it after `make test`.
+AVX2 = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+test-avx2: install-test
+	$(AVX2) $(PYTHON) .ci/isa_cap.py
+	$(AVX2) $(PYTHON) -m pytest tests/ops tests/models
+
+# The kernels under the oldest triton users have (torch 2.11 ships 3.6), in a venv on top of this
+# one: interpreted (the kernel suites) and compiled for sm_80/sm_90 (no spills). Its static budgets
+# are held on the newest triton only: see docs in README ("CPU and GPU"). CI runs it after `make test`.
+TRITON_OLDEST ?= 3.6.0
+KERNEL_TESTS = tests/ops/test_codebook.py tests/ops/test_norms.py tests/ops/test_kernel_norm_paths.py \
+	tests/ops/test_dispatch.py tests/ops/test_kernel_compile.py
+test-triton-oldest: install-test
+	$(PYTHON) -m venv --system-site-packages build/triton-oldest
+	build/triton-oldest/bin/python -m pip install -q "triton==$(TRITON_OLDEST)"
+	build/triton-oldest/bin/python -c "import triton; assert triton.__version__ == '$(TRITON_OLDEST)', triton.__version__"
+	build/triton-oldest/bin/python -m pytest $(KERNEL_TESTS) \
+		--deselect tests/ops/test_kernel_compile.py::test_hot_loops_hold_their_budgets
 
 # `vqfast bench` (this device's default subset) writes its JSON to bench/results/, then the
 # README's table is regenerated from every committed result. bench-pytest runs the

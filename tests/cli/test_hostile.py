@@ -235,7 +235,7 @@ def test_decode_refuses_outputs_it_could_not_write_before_compute(tmp_path, data
     (dec / names[0]).rmdir()
     (dec / "sub").write_text("a file where a folder of PNGs goes")
     assert decode(out, "--model", model_dir, "-o", dec, "--overwrite") == 2
-    one_line_error(capsys, "is a file, where the PNG", "needs a folder")
+    one_line_error(capsys, "is a file, where PNGs need a folder")
 
 
 # -------------------------------------------------------------------- messages: true, one line, bounded

@@ -123,39 +123,51 @@ def test_gradient_checkpointing_switches_and_gives_the_plain_gradients():
 
 @pytest.fixture
 def one_thread():
-    """oneDNN may split the reductions of a small batch over threads differently from a large
-    one's (a 2-image transposed convolution with 2 threads here), so bit-identity is checked with
-    one intra-op thread, where the result does not depend on the machine's core count."""
+    """One intra-op thread: the result does not depend on the machine's core count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
+def three_way(sliced: torch.Tensor, whole: torch.Tensor, exact: torch.Tensor) -> None:
+    """|sliced - f64| <= 2 |whole - f64| + 1e-5 relative: a slice is as close to the float64 result
+    as the whole batch is. (Not bit for bit: the convolutions and the codebook search's products
+    of a 2-image slice are other shapes than the whole batch's, and oneDNN and the BLAS may sum a
+    row in another order for another shape: they do on some CPUs.)"""
+    err, ref_err = (sliced.double() - exact).abs().max(), (whole.double() - exact).abs().max()
+    assert err <= 2 * ref_err + 1e-5 * exact.abs().max(), (err.item(), ref_err.item())
+
+
 @pytest.mark.parametrize("name", ["movq", "amused", "ldm_f4"])
-def test_slicing_is_bit_identical_to_the_whole_batch(name, one_thread):
+def test_slicing_gives_the_whole_batchs_values(name, one_thread):
     model = vqfast.VQModel(**TINY[name]).eval()
+    exact = copy.deepcopy(model).double()
     x = images(5, 32)
     with torch.no_grad():
         whole_enc = model.encode(x).latents
         whole = model.decode(whole_enc)
-        whole_nq = model.decode(whole_enc, force_not_quantize=True) if not model.config.lookup_from_codebook else None
+        passthrough = not model.config.lookup_from_codebook
+        whole_nq = model.decode(whole_enc, force_not_quantize=True) if passthrough else None
         model.enable_slicing()  # two images per slice: 5 images run as slices of 3 and 2
         assert model.use_slicing and model.slicing_max_memory is None
-        sliced_enc = model.encode(x).latents
+        three_way(model.encode(x).latents, whole_enc, exact.encode(x.double()).latents)
         sliced = model.decode(whole_enc)
-        assert torch.equal(sliced_enc, whole_enc)
-        assert torch.equal(sliced.sample, whole.sample) and torch.equal(sliced.commit_loss, whole.commit_loss)
-        assert torch.equal(model(x).sample, whole.sample)
-        if whole_nq is not None:
-            assert torch.equal(model.decode(whole_enc, force_not_quantize=True).sample, whole_nq.sample)
+        exact_dec = exact.decode(whole_enc.double())
+        three_way(sliced.sample, whole.sample, exact_dec.sample)
+        three_way(sliced.commit_loss, whole.commit_loss, exact_dec.commit_loss)
+        three_way(model(x).sample, whole.sample, exact(x.double()).sample)
+        if passthrough:
+            three_way(model.decode(whole_enc, force_not_quantize=True).sample, whole_nq.sample,
+                      exact.decode(whole_enc.double(), force_not_quantize=True).sample)
         else:  # token ids
             ids = model.quantize(whole_enc)[2][2]
             shape = (5, whole_enc.shape[2], whole_enc.shape[3], whole_enc.shape[1])
             model.disable_slicing()
             ref = model.decode(ids, force_not_quantize=True, shape=shape).sample
             model.enable_slicing()
-            assert torch.equal(model.decode(ids, force_not_quantize=True, shape=shape).sample, ref)
+            three_way(model.decode(ids, force_not_quantize=True, shape=shape).sample, ref,
+                      exact.decode(ids, force_not_quantize=True, shape=shape).sample)
         model.disable_slicing()
         assert not model.use_slicing
 

@@ -544,17 +544,18 @@ def read_png_stamp(path: Path) -> dict | str | None:
 
 def check_outputs_spare_source(source: Path, out_dir: Path, targets: list[PurePosixPath]) -> None:
     """UsageError when a file decode writes (a PNG, the manifest) is the token file itself, or
-    when a PNG's path runs through a file (a PNG's folder exists as a file): found before any
-    compute, instead of failing after it."""
-    for target in [*targets, PurePosixPath("manifest.json")]:
-        path = out_dir / target
-        if images.same_file(path, source):
-            raise UsageError(f"-o {str(out_dir)!r}: the run would write over the token file {str(source)!r} "
-                             f"({str(target)!r}); vqfast never writes over its inputs: choose another -o")
-        for parent in list(path.parents)[: len(target.parts) - 1]:
-            if parent.exists() and not parent.is_dir():
-                raise UsageError(f"-o {str(out_dir)!r}: {str(parent)!r} is a file, where the PNG {str(target)!r} "
-                                 "needs a folder; move it away or choose another -o")
+    when a PNG's folder exists as a file: found before any compute, instead of failing after it.
+    A stat per distinct folder, not per PNG."""
+    writes = [*targets, PurePosixPath("manifest.json")]
+    if Path(os.path.realpath(source)).is_relative_to(os.path.realpath(out_dir)):  # only then can a write hit it
+        for target in writes:
+            if images.same_file(out_dir / target, source):
+                raise UsageError(f"-o {str(out_dir)!r}: the run would write over the token file {str(source)!r} "
+                                 f"({str(target)!r}); vqfast never writes over its inputs: choose another -o")
+    for folder in sorted({parent for target in writes for parent in target.parents if parent.parts}):
+        if (out_dir / folder).exists() and not (out_dir / folder).is_dir():
+            raise UsageError(f"-o {str(out_dir)!r}: {str(out_dir / folder)!r} is a file, where PNGs need a "
+                             "folder; move it away or choose another -o")
 
 
 def run_decode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
