@@ -111,6 +111,12 @@ def test_decode_never_writes_over_its_token_file_or_the_source_images(tmp_path, 
     assert decode(own, "--model", model_dir, "-o", own.parent, "--overwrite") == 2
     one_line_error(capsys, "would write over the token file")
     assert own.read_bytes() == kept
+    theirs = tmp_path / "dec2" / "manifest.json"  # where decode writes its manifest: someone else's file
+    theirs.parent.mkdir()
+    theirs.write_text("[1, 2, 3]")
+    assert decode(out, "--model", model_dir, "-o", theirs.parent, "--overwrite") == 2
+    one_line_error(capsys, "is not a vqfast decode manifest")
+    assert theirs.read_text() == "[1, 2, 3]"
 
 
 def test_a_decode_binds_its_pngs_to_the_bytes_it_read(tmp_path, data, model_dir, capsys, monkeypatch):

@@ -372,19 +372,19 @@ def check_outputs_spare_inputs(items: list[images.Item], output: Path) -> None:
                              f"({str(item.path)!r}); vqfast never writes over its inputs: choose another -o")
 
 
-def check_manifest(path: Path) -> None:
-    """UsageError when ``path`` exists and is not a manifest written by vqfast encode: writing the
-    run's manifest would replace a file that is not the command's."""
+def check_manifest(path: Path, command: str) -> None:
+    """UsageError when ``path`` exists and is not a manifest written by vqfast ``command``: writing
+    the run's manifest would replace a file that is not the command's."""
     if not path.exists():
         return
     try:
-        value = json.loads(path.read_bytes()[: 2**20 + 1]) if path.stat().st_size <= 2**30 else None
-        ours = isinstance(value, dict) and str(value.get("format", "")).startswith("vqfast.encode-manifest")
+        value = json.loads(path.read_bytes()) if path.stat().st_size <= 2**30 else None
+        ours = isinstance(value, dict) and str(value.get("format", "")).startswith(f"vqfast.{command}-manifest")
     except (OSError, ValueError, RecursionError):
         ours = False
     if not ours:
-        raise UsageError(f"-o: {str(path)!r}, where this run writes its manifest, is not a vqfast encode manifest; "
-                         "move it away or choose another -o")
+        raise UsageError(f"-o: {str(path)!r}, where this run writes its manifest, is not a vqfast {command} "
+                         "manifest; move it away or choose another -o")
 
 
 def run_encode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
@@ -414,7 +414,7 @@ def encode_locked(args, ranks, model, items, factor, max_pixels, output, manifes
     hashes = {item.name: header.digest for item, header in zip(items, headers)}
     skipped = {item.name: header.problem for item, header in zip(items, headers) if header.problem}
     readable = [(item, header) for item, header in zip(items, headers) if not header.problem]
-    check_manifest(manifest_path)
+    check_manifest(manifest_path, "encode")
     earlier = read_earlier(output, args.overwrite)  # read even when --overwrite: it deletes only vqfast's files
     if args.overwrite:
         earlier = Earlier([])
@@ -577,6 +577,7 @@ def run_decode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {str(out_dir)!r} is a file; expected a folder for the PNG files")
     check_outputs_spare_source(source, out_dir, targets)
+    check_manifest(out_dir / "manifest.json", "decode")
     with sharding.exclusive(out_dir / ".vqfast-decode.lock", ranks, f"-o {out_dir}"):
         if ranks.is_main:
             remove_stale([out_dir / t for t in targets] + [out_dir / "manifest.json"])
