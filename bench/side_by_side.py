@@ -1,9 +1,15 @@
-"""MoVQ encode or decode (256x256, batch 1, fp32 or bf16) by vqfast, compiled vqfast, diffusers and compiled
-diffusers, alternating in one process: the four see the same machine state in every round, which
-separate processes (``vqfast bench``) do not on a shared CPU.
+"""A real checkpoint's encode or decode (MoVQ, aMUSEd or LDM-f4; 256x256, batch 1, fp32 or bf16) by vqfast,
+compiled vqfast, diffusers and compiled diffusers, alternating in one process: the four see the same
+machine state in every round, which separate processes (``vqfast bench``) do not on a shared CPU.
 
     python bench/side_by_side.py decode --rounds 5     # writes bench/results/side-by-side-<date>-decode.json
     python bench/side_by_side.py encode --dtype bfloat16   # ...-encode-bfloat16.json
+    python bench/side_by_side.py encode --config amused --busy 1   # ...-amused-encode-busy1.json
+
+``--busy N`` starts N processes that spin on a core each (as a data loader or another job would)
+before the models are built, and ends them when the run ends: the CPU a user of a shared machine
+has. aMUSEd's decode quantizes its latents first (its decoder takes token ids), the others decode
+the latents as given.
 
 Each round runs the four once, starting from a different one each round (so no variant always
 follows the same one: what the previous call freed changes what the next one's allocations
@@ -16,6 +22,8 @@ every run's time with the machine, versions and date.
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,20 +40,35 @@ PAIRS = [("vqfast", "diffusers"), ("vqfast", "diffusers-compile"), ("vqfast-comp
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=["encode", "decode"])
+    p.add_argument("--config", choices=["movq", "amused", "ldm_f4"], default="movq")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--busy", type=int, default=0, metavar="N", help="competing busy processes (default 0)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args()
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        run(args)
+    finally:
+        for s in spinners:
+            s.kill()
+            s.wait()
+
+
+def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
-    cfg = real_config("movq")
+    cfg = real_config(args.config)
     dtype = getattr(torch, args.dtype)
     ours = vqfast.VQModel(**cfg).eval()
     theirs = diffusers.VQModel(**cfg).eval()
     theirs.load_state_dict(ours.state_dict())
     ours, theirs = ours.to(dtype), theirs.to(dtype)
-    h, x = torch.randn(1, 4, 32, 32).to(dtype), (torch.rand(1, 3, 256, 256) * 2 - 1).to(dtype)
+    f = 2 ** (len(cfg["block_out_channels"]) - 1)
+    latent = cfg.get("vq_embed_dim") or cfg["latent_channels"]
+    h, x = torch.randn(1, latent, 256 // f, 256 // f).to(dtype), (torch.rand(1, 3, 256, 256) * 2 - 1).to(dtype)
     if args.kind == "decode":
-        call = lambda m: lambda: m.decode(h, force_not_quantize=True).sample  # noqa: E731
+        as_given = not cfg.get("lookup_from_codebook", False)
+        call = lambda m: lambda: m.decode(h, force_not_quantize=as_given).sample  # noqa: E731
     else:
         call = lambda m: lambda: m.encode(x).latents  # noqa: E731
     fns = {"vqfast": call(ours), "vqfast-compile": torch.compile(call(ours)),
@@ -77,11 +100,13 @@ def main() -> None:
         print(f"{args.kind} {name}: {r:.2f}x (per-round quartiles {q[0]:.2f}x to {q[1]:.2f}x)")
     env = environment("cpu")
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
-    path = args.out / f"side-by-side-{env['date'][:10]}-{args.kind}{suffix}.json"
-    path.write_text(json.dumps({**env, "kind": args.kind, "case": f"movq batch 1 256x256 {args.dtype}",
-                                "times_s": times, "errors_vs_diffusers": errors, "ratios": ratios,
-                                "ratio_quartiles": quartiles, "order": "rotated each round"}, indent=1))
+    config = "" if args.config == "movq" else f"-{args.config}"
+    suffix = ("" if args.dtype == "float32" else f"-{args.dtype}") + (f"-busy{args.busy}" if args.busy else "")
+    path = args.out / f"side-by-side-{env['date'][:10]}{config}-{args.kind}{suffix}.json"
+    path.write_text(json.dumps({**env, "kind": args.kind, "case": f"{args.config} batch 1 256x256 {args.dtype}",
+                                "busy_processes": args.busy, "times_s": times, "errors_vs_diffusers": errors,
+                                "ratios": ratios, "ratio_quartiles": quartiles, "order": "rotated each round"},
+                               indent=1))
     print("wrote", path)
 
 

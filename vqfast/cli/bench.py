@@ -309,14 +309,15 @@ def environment(device: str, threads: int | None = None) -> dict:
 
 
 def _cpu_name(threads: int | None = None) -> str:
+    """The CPU's model name with the vector ISA ATen runs at (AVX2, AVX512...) and the thread count."""
     threads = threads or torch.get_num_threads()
+    name = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {threads} thread{'s' if threads > 1 else ''}"
-    except OSError:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
         pass
-    return f"{platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''}"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}), {threads} thread{'s' if threads > 1 else ''}"
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
