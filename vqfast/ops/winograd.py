@@ -96,27 +96,29 @@ def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, out: torch.Ten
             n = t1 - t0
             _rows(even, odd, t0, t1, r[:, :n, 1 : W + 1])
             vs = v[:, : n * S].view(4, 4, n, S, C)
-            for i in range(4):  # the columns of each transformed row: B^T along W
-                e, o = r[i, :n, 0::2], r[i, :n, 1::2]  # padded columns 2s and 2s + 1, S + 1 each
-                torch.sub(e[:, :S], e[:, 1:], out=vs[i, 0])
-                torch.add(o[:, :S], e[:, 1:], out=vs[i, 1])
-                torch.sub(e[:, 1:], o[:, :S], out=vs[i, 2])
-                torch.sub(o[:, :S], o[:, 1:], out=vs[i, 3])
+            # The columns of the four transformed rows at once: B^T along W. Each step is one op over
+            # the whole strip: every op is a parallel region, whose barrier waits for a thread the
+            # OS has descheduled on a busy CPU, so fewer and larger ones.
+            e, o = r[:, :n, 0::2], r[:, :n, 1::2]  # padded columns 2s and 2s + 1, S + 1 each
+            torch.sub(e[:, :, :S], e[:, :, 1:], out=vs[:, 0])
+            torch.add(o[:, :, :S], e[:, :, 1:], out=vs[:, 1])
+            torch.sub(e[:, :, 1:], o[:, :, :S], out=vs[:, 2])
+            torch.sub(o[:, :, :S], o[:, :, 1:], out=vs[:, 3])
             ms = m[:, : n * S]
             torch.baddbmm(bias, v[:, : n * S], u, out=ms)
             ms = ms.view(4, 4, n, S, O)
             # A^T along rows, in place: s0 = m0 + m1 + m2 into m0, s1 = m1 - m2 - m3 into m1
             ms[0].add_(ms[1]).add_(ms[2])
             ms[1].sub_(ms[2]).sub_(ms[3])
-            for a in range(2):  # A^T along columns, into output rows 2t + a
-                s = ms[a]
-                y0, y1 = tiles[t0:t1, a, :, 0], tiles[t0:t1, a, :, 1]
-                if accumulate:
-                    y0.add_(s[0]).add_(s[1]).add_(s[2])
-                    y1.add_(s[1]).sub_(s[2]).sub_(s[3])
-                else:
-                    torch.add(s[0], s[1], out=y0).add_(s[2])
-                    torch.sub(s[1], s[2], out=y1).sub_(s[3])
+            # A^T along columns, both output rows 2t + a at once
+            s = ms[:2].permute(2, 0, 1, 3, 4)  # (n, a, column position, S, O)
+            y0, y1 = tiles[t0:t1, :, :, 0], tiles[t0:t1, :, :, 1]  # (n, a, S, O)
+            if accumulate:
+                y0.add_(s[:, :, 0]).add_(s[:, :, 1]).add_(s[:, :, 2])
+                y1.add_(s[:, :, 1]).sub_(s[:, :, 2]).sub_(s[:, :, 3])
+            else:
+                torch.add(s[:, :, 0], s[:, :, 1], out=y0).add_(s[:, :, 2])
+                torch.sub(s[:, :, 1], s[:, :, 2], out=y1).sub_(s[:, :, 3])
     return out
 
 
