@@ -365,3 +365,26 @@ def test_a_message_is_clipped_to_its_head_and_tail():
     assert len(text) < 700 and text.startswith("start ") and text.endswith(" what to do")
     assert "characters left out" in text and "\n" not in message(ValueError("a\nb"))
     assert sys.getsizeof(text) < 2000
+
+
+def test_the_tokens_and_their_digest_come_from_one_file(tmp_path, data, model_dir, monkeypatch):
+    """The file is replaced between the hash and the tensors' load: both are still the old file's."""
+    import safetensors.torch
+
+    folder, names = data
+    first, second = tmp_path / "t.safetensors", tmp_path / "u.safetensors"
+    assert encode(folder, "--model", model_dir, "-o", first) == 0
+    for i, name in enumerate(names):
+        save_image(folder / name, seed=70 + i)
+    assert encode(folder, "--model", model_dir, "-o", second) == 0
+    old_bytes, old_tokens = first.read_bytes(), tokenfile.read_tokens(first)
+    assert not torch.equal(old_tokens, tokenfile.read_tokens(second))
+    real_load = safetensors.torch.load_file
+
+    def replace_then_load(path, *args, **kwargs):
+        os.replace(second, first)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", replace_then_load)
+    read = tokenfile.open_for_decode(first)
+    assert read.digest == images.digest(old_bytes) and torch.equal(read.tokens, old_tokens)

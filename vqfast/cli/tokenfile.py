@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 from dataclasses import asdict, dataclass
@@ -236,20 +237,33 @@ def open_for_decode(path: Path) -> Decodable:
     """A token file, read once, with its structure checked: ValueError naming the file, the
     tensor and what was seen and expected when ``tokens`` is missing, not an integer tensor or
     not 3-D, or ``names`` does not hold N strings. Files without vqfast metadata are accepted;
-    their images are named by row number. The bytes are read once and hashed as read, so the
-    digest belongs to these tokens even when the file is replaced meanwhile."""
-    from safetensors.torch import load
+    their images are named by row number. The digest and the tensors come from one open file
+    (its /dev/fd path where there is one, else its bytes read once), so the digest belongs to
+    these tokens even when the file is replaced meanwhile."""
+    from safetensors.torch import load, load_file
 
     if not path.is_file():
-        raise FileNotFoundError(f"TOKENS: token file not found: {path}")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()[:32]
-    meta = _metadata_in(data, path)
-    try:
-        tensors = load(data)
-    except Exception as e:  # safetensors raises its own error types (truncated data, unknown dtype...)
-        raise ValueError(f"{path}: the tensors cannot be read: {e}") from e
-    del data
+        raise FileNotFoundError(f"TOKENS: {str(path)!r} is " + ("a folder, not a token file" if path.is_dir()
+                                                                 else "not a token file that exists"))
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        hasher = hashlib.sha256()
+        while block := f.read(2**20):
+            hasher.update(block)
+        f.seek(0)
+        head = f.read(8)
+        header = len(head) == 8 and struct.unpack("<Q", head)[0]
+        meta = _metadata_in(head + f.read(header) if 8 + header <= size else head, path)
+        same_file = Path(f"/dev/fd/{f.fileno()}")  # this open file, whatever is at ``path`` now
+        try:
+            if same_file.exists():
+                tensors = load_file(str(same_file))
+            else:
+                f.seek(0)
+                tensors = load(f.read())
+        except Exception as e:  # safetensors raises its own error types (truncated data, unknown dtype...)
+            raise ValueError(f"{path}: the tensors cannot be read: {str(e).replace(str(same_file), str(path))}") from e
+    digest = hasher.hexdigest()[:32]
     if TENSOR not in tensors:
         raise ValueError(f"{path} has no tensor {TENSOR!r} (it holds {sorted(tensors) or 'no tensors'})")
     tokens = tensors[TENSOR]
