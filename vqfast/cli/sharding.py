@@ -10,7 +10,8 @@ exception" after all its work was done, failing a finished run.)
 
 The work list is cut into batches in its global (name) order and rank r takes whole batches
 r, r + N, r + 2N, ...: every batch holds the same images whatever the number of ranks, so N ranks
-give byte-identical results to one process at the same batch size. Each rank writes its own
+give byte-identical results to one process at the same batch size and thread count per process
+(torchrun runs each rank with one intra-op thread). Each rank writes its own
 outputs; rank 0 writes the merged result after a barrier. One run at a time per output: rank 0
 holds a lock file (``flock``, which the kernel releases when the process dies, so a killed run
 never blocks the next one) and a second run refuses to start. Across nodes the output folder must
