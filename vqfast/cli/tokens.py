@@ -377,10 +377,10 @@ def check_manifest(path: Path, command: str) -> None:
     the run's manifest would replace a file that is not the command's."""
     if not path.exists():
         return
-    try:
-        value = json.loads(path.read_bytes()) if path.stat().st_size <= 2**30 else None
-        ours = isinstance(value, dict) and str(value.get("format", "")).startswith(f"vqfast.{command}-manifest")
-    except (OSError, ValueError, RecursionError):
+    try:  # vqfast writes the format first: its head says, however large the manifest
+        with open(path, "rb") as f:
+            ours = f'"format": "vqfast.{command}-manifest'.encode() in f.read(256)
+    except OSError:
         ours = False
     if not ours:
         raise UsageError(f"-o: {str(path)!r}, where this run writes its manifest, is not a vqfast {command} "
@@ -618,8 +618,10 @@ def decode_locked(args, ranks, model, tokens, names, meta, targets, out_dir, sou
     if blocked:
         raise UsageError(f"-o {out_dir}: {len(blocked)} PNG paths are taken by something that is not a file, such as "
                          f"a folder ({examples(str(targets[r]) for r in blocked)}); move them away or choose another -o")
-    originals = source_hashes(meta) if foreign else set()
-    sources = [r for r in foreign if originals and images.file_digest(out_dir / targets[r]) in originals]
+    # files without a vqfast stamp only: a PNG decode wrote is not a source image (and is not hashed)
+    unstamped = [r for r in foreign if found[r] == "foreign"]
+    originals = source_hashes(meta) if unstamped else set()
+    sources = [r for r in unstamped if originals and images.file_digest(out_dir / targets[r]) in originals]
     if sources:  # decoding into the images' own folder: --overwrite would replace the photos themselves
         raise UsageError(f"-o {out_dir} holds {len(sources)} of the images this token file was encoded from, under the "
                          f"names decode writes ({examples(str(targets[r]) for r in sources)}); vqfast never writes "
