@@ -223,34 +223,31 @@ def max_file_bytes(max_pixels: int) -> int:
     return 8 * max_pixels + 64 * 2**20
 
 
-def _not_a_file(path: Path) -> str | None:
-    """Why ``path`` cannot be read as an image file (missing, a dangling link, not a regular
-    file...), or None when it is a regular file."""
+def _unreadable_file(path: Path, max_pixels: int) -> str | None:
+    """Why ``path`` will not be read as an image file (missing, a dangling link, not a regular
+    file, larger than max_file_bytes), or None; one stat."""
     try:
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
     except OSError as e:
         link = "is a symbolic link whose target cannot be reached" if Path(path).is_symlink() else "cannot be read"
         return f"{link} ({e.strerror or e})"
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(info.st_mode):
+        mode = info.st_mode
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" \
             if stat.S_ISSOCK(mode) else "a device"
         return f"is {kind}, not a regular file"
+    if info.st_size > max_file_bytes(max_pixels):
+        return (f"is {info.st_size} bytes, more than an image of --max-pixels {max_pixels} can take "
+                f"({max_file_bytes(max_pixels)} bytes); not read")
     return None
 
 
 def scan(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Header:
     """Hash the bytes of ``path`` (read in blocks) and read its header: no pixels are decoded and
     the file is never held in memory whole."""
-    problem = _not_a_file(path)
+    problem = _unreadable_file(path, max_pixels)
     if problem:
         return Header("", None, problem)
-    try:
-        size = os.stat(path).st_size
-    except OSError as e:  # gone since it was listed
-        return Header("", None, f"cannot be read ({e.strerror or e})")
-    if size > max_file_bytes(max_pixels):
-        return Header("", None, f"is {size} bytes, more than an image of --max-pixels {max_pixels} can take "
-                                f"({max_file_bytes(max_pixels)} bytes); not read")
     hashed = file_digest(path)
     try:
         with open(path, "rb") as f:
@@ -314,7 +311,7 @@ def load_image(path: Path, size: int | None, expected: str | None = None,
     ``expected`` (the scan's digest)."""
     from PIL import Image, ImageOps
 
-    problem = _not_a_file(path)
+    problem = _unreadable_file(path, max_pixels)
     if problem:
         raise SkipImage(problem)
     try:
