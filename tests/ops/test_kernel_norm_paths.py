@@ -76,9 +76,17 @@ def test_views_the_vector_paths_cannot_read_take_the_strided_path(triton_backend
     three_way(out, gn_ref(x.double(), G, w.double(), b.double(), True), gn_ref(x, G, w, b, True))
 
 
+@pytest.fixture(params=[False, True], ids=["rows_first", "cols_first"])
+def tile_order(request, monkeypatch):
+    """Both axis orders of the NCHW SpatialNorm tile, whichever triton is installed (the launcher
+    picks one by version: GATHER_COLS_FIRST)."""
+    monkeypatch.setattr(kernel, "GATHER_COLS_FIRST", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_spatial_norm_with_specialised_stats(triton_backend, layout, dtype):
+def test_spatial_norm_with_specialised_stats(triton_backend, tile_order, layout, dtype):
     """SpatialNorm's statistics and apply take the layout's vector kernels (several rows per
     trip, a partial last trip, rows narrower than the tile)."""
     from test_norms import sn_ref
@@ -96,21 +104,26 @@ def test_spatial_norm_with_specialised_stats(triton_backend, layout, dtype):
 #: (h, H, w, W): upsampling by integer and fractional ratios, downsampling, one source row, rows
 #: as wide as the tile (W a power of two) and narrower.
 NEAREST_CASES = [(1, 8, 3, 8), (3, 8, 5, 12), (5, 12, 7, 16), (7, 33, 13, 36), (6, 31, 2, 40), (12, 5, 9, 4),
-                 (9, 64, 4, 8), (17, 40, 8, 32)]
+                 (9, 64, 4, 8), (17, 40, 8, 32), (9, 64, 5, 64)]
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_spatial_apply_picks_pytorchs_nearest_source(triton_backend, layout):
+def test_spatial_apply_picks_pytorchs_nearest_source(triton_backend, tile_order, layout):
     """The vector kernels compute each position's source row and column (no index table): with
-    scale 0 the output is exactly the shift map gathered there, which must be F.interpolate's."""
+    scale 0 the output is exactly the shift map gathered there, which must be F.interpolate's.
+    The NCHW cases end with a partial trip and without one (EVEN_H)."""
     g = torch.Generator().manual_seed(11)
+    even_h = set()
     for h, H, w, W in NEAREST_CASES:
         f = make((1, 4, H, W), torch.float32, g, channels_last=layout == "channels_last")
-        assert path(f, 2) == layout and kernel.spatial_config(layout, 1, 4, 2, H, W, 4) is not None
+        cfg = kernel.spatial_config(layout, 1, 4, 2, H, W, 4)
+        assert path(f, 2) == layout and cfg is not None
+        even_h.add(cfg["const"].get("EVEN_H"))
         shift = make((1, 4, h, w), torch.float32, g)
         out = vf.spatial_norm(f, torch.zeros_like(shift), shift, 2, None, None)
         want = torch.nn.functional.interpolate(shift, size=(H, W), mode="nearest")
         assert torch.equal(out, want), (h, H, w, W)
+    assert even_h == ({False, True} if layout == "nchw" else {None})
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

@@ -342,12 +342,24 @@ def _spatial_tile(xs, ys, pairs, m, a, shift0, SILU: tl.constexpr):
 
 
 @triton.jit
+def _tile(rows, cols, COLS_FIRST: tl.constexpr):
+    """The [ROWS, BLOCK_W] tile rows[:, None] + cols[None, :], stored column-major when
+    COLS_FIRST (then [BLOCK_W, ROWS]): see GATHER_COLS_FIRST."""
+    if COLS_FIRST:
+        tile = rows[None, :] + cols[:, None]
+    else:
+        tile = rows[:, None] + cols[None, :]
+    return tile
+
+
+@triton.jit
 def slab_spatial_apply_kernel(
     x_ptr, y_ptr, part_ptr, w_ptr, b_ptr, pair_ptr,  # x, y contiguous NCHW; pairs (B, C, h, w) int64
     C, H, WV, G, S, rows_per_prog, eps,  # WV = W / VEC
     h, w, ratio_h, ratio_w,  # the maps' size; fp32(h) / H and fp32(w) / W (the nearest rule)
     CG: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
     EVEN_W: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,  # EVEN_W: W == BLOCK_W
+    EVEN_H: tl.constexpr, COLS_FIRST: tl.constexpr,  # EVEN_H: every trip is ROWS whole rows
 ):
     """SpatialNorm's apply for a contiguous NCHW f: grid (B * C, splits of H), a program walks its
     rows of one channel, ROWS rows of W <= BLOCK_W per trip. The source columns are computed once
@@ -365,7 +377,7 @@ def slab_spatial_apply_kernel(
         shift0 = tl.load(b_ptr + c).to(tl.float32) - mean * a
     col = tl.arange(0, BLOCK_W)
     r = tl.arange(0, ROWS)
-    off = r[:, None] * W + col[None, :]
+    off = _tile(r * W, col, COLS_FIRST)
     src_col = _nearest(col.to(tl.float32), ratio_w, w)
     mp = pair_ptr + bc.to(tl.int64) * (h * w)
     h0 = s * rows_per_prog
@@ -373,20 +385,21 @@ def slab_spatial_apply_kernel(
     base = bc.to(tl.int64) * H * W + h0 * W
     xp = x_ptr + base
     yp = y_ptr + base
-    col_ok = (r < ROWS)[:, None] & (col < W)[None, :]
+    col_ok = _tile(r * 0, col, COLS_FIRST) < W
     full = n_rows // ROWS
     rows = (r + h0).to(tl.float32)  # fp32, carried: one add per row and trip
     for t in range(full):
         # a pointer per source row, then a 64-bit add per element to reach the column
-        pairs = (mp + _nearest(rows, ratio_h, h) * w)[:, None] + src_col[None, :]
+        pairs = _tile(mp + _nearest(rows, ratio_h, h) * w, src_col, COLS_FIRST)
         if EVEN_W:  # every column is real: no mask
             _spatial_tile(xp + t * (ROWS * W) + off, yp + t * (ROWS * W) + off, pairs, None, a, shift0, SILU)
         else:
             _spatial_tile(xp + t * (ROWS * W) + off, yp + t * (ROWS * W) + off, pairs, col_ok, a, shift0, SILU)
         rows += ROWS
-    pairs = (mp + _nearest(rows, ratio_h, h) * w)[:, None] + src_col[None, :]
-    ok = col_ok & (r < n_rows - full * ROWS)[:, None]
-    _spatial_tile(xp + full * (ROWS * W) + off, yp + full * (ROWS * W) + off, pairs, ok, a, shift0, SILU)
+    if not EVEN_H:  # a last, partial trip (its code after the loop costs the loop ~1 instruction per element)
+        pairs = _tile(mp + _nearest(rows, ratio_h, h) * w, src_col, COLS_FIRST)
+        ok = col_ok & (_tile(r, col * 0, COLS_FIRST) < n_rows - full * ROWS)
+        _spatial_tile(xp + full * (ROWS * W) + off, yp + full * (ROWS * W) + off, pairs, ok, a, shift0, SILU)
 
 
 @triton.jit
@@ -593,6 +606,12 @@ def specialised_config(path: str, B: int, C: int, G: int, P: int, elt: int) -> d
 #: channels_last): 32 per thread at 4 warps, beyond which registers run out. Wider rows take
 #: the strided kernel.
 MAX_SPATIAL_TILE = 4096
+# The NCHW SpatialNorm tile's axis order. Its pairs are gathered (no contiguity on either axis),
+# and triton's coalescing breaks that tie toward dim 0 before 3.7 and toward the last dim since.
+# The x tile must agree with it, else every trip converts the pairs' layout through shared
+# memory (4-8 barriers, 15+ instructions per element on 3.6). So before 3.7 the tile is stored
+# [BLOCK_W, ROWS], columns on dim 0, where x is contiguous: one layout, 0 barriers on both.
+GATHER_COLS_FIRST = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
 
 
 def spatial_config(path: str, B: int, C: int, G: int, H: int, W: int, itemsize: int) -> dict | None:
@@ -610,7 +629,8 @@ def spatial_config(path: str, B: int, C: int, G: int, H: int, W: int, itemsize: 
     splits, per_prog = _splits(H, rows, programs)
     const = dict(ROWS=rows, BLOCK_W=block_w, EVEN_W=block_w == W)
     if path == "nchw":
-        const["VEC"] = 16 // itemsize
+        # programs take whole trips (_splits), so H % rows == 0 leaves no partial one
+        const.update(VEC=16 // itemsize, EVEN_H=H % rows == 0, COLS_FIRST=GATHER_COLS_FIRST)
     return dict(grid=(programs, splits), rows_per_prog=per_prog, const=const)
 
 
