@@ -99,6 +99,11 @@ def run(args: argparse.Namespace) -> None:
         q = quartiles[name]
         print(f"{args.kind} {name}: {r:.2f}x (per-round quartiles {q[0]:.2f}x to {q[1]:.2f}x)")
     env = environment("cpu")
+    try:  # which code ran: results outlive the code that made them
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        env["commit"] = None
     args.out.mkdir(parents=True, exist_ok=True)
     config = "" if args.config == "movq" else f"-{args.config}"
     suffix = ("" if args.dtype == "float32" else f"-{args.dtype}") + (f"-busy{args.busy}" if args.busy else "")

@@ -35,8 +35,48 @@ def _interpreted_scalars_index_as_triton_37_does() -> None:
 
 _interpreted_scalars_index_as_triton_37_does()
 
-#: Where kernel tests put their tensors: the GPU when there is one and the kernels are compiled.
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
+#: Where tests put their tensors (take it from the ``device`` fixture): the GPU when there is one
+#: and the kernels are compiled, else the CPU.
+INTERPRETED = os.environ["TRITON_INTERPRET"] == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+#: Whether the Triton kernels can run here: interpreted on CPU tensors, or compiled on a GPU.
+KERNELS_RUN = INTERPRETED or DEVICE == "cuda"
+NO_GPU = ("needs a CUDA GPU: with TRITON_INTERPRET=0 the kernels are compiled, and compiled kernels "
+          "run on CUDA tensors only (TRITON_INTERPRET=1 runs them on CPU)")
+
+
+@pytest.fixture
+def device() -> str:
+    """The device a test's tensors and models go to (DEVICE)."""
+    return DEVICE
+
+
+def use_triton() -> None:
+    """Force the Triton path, or skip the test where the kernels cannot run (NO_GPU)."""
+    if not KERNELS_RUN:
+        pytest.skip(NO_GPU)
+    vqfast.set_backend("triton")
+
+
+@pytest.fixture
+def triton_backend():
+    """The Triton path for one test (skipped where the kernels cannot run)."""
+    use_triton()
+    yield
+    vqfast.set_backend(None)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_count_per_test(monkeypatch):
+    """The eager forward's thread policy (vqfast/models/threads.py) may change the thread count
+    between two forwards on a busy machine, and another count may sum in another order: tests
+    that compare two forwards bit for bit would then depend on the machine's load. In tests every
+    forward keeps the count it is given; tests/models/test_threads.py tests the policy itself."""
+    import contextlib
+
+    import vqfast.models.model as model_module
+
+    monkeypatch.setattr(model_module, "FAIR_THREADS", contextlib.nullcontext)
 
 
 @pytest.fixture
@@ -54,8 +94,12 @@ def poisoned_allocations(monkeypatch):
 
 @pytest.fixture(params=["eager", "triton"])
 def backend(request):
-    """Run a test once on each path of the fused ops."""
-    vqfast.set_backend(request.param)
+    """Run a test once on each path of the fused ops (the Triton one skipped where the kernels
+    cannot run)."""
+    if request.param == "triton":
+        use_triton()
+    else:
+        vqfast.set_backend(request.param)
     yield request.param
     vqfast.set_backend(None)
 
@@ -108,6 +152,12 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(params=sorted(CONFIGS))
 def config_name(request):
     return request.param
+
+
+def make_ours(name: str, seed: int = 0, **changes):
+    """A vqfast model of a test config with randomized weights, in eval mode (no diffusers: the
+    GPU machine may not have it)."""
+    return randomize(vqfast.VQModel(**{**CONFIGS[name], **changes}), seed).eval()
 
 
 def make_pair(name: str, seed: int = 0, **changes):

@@ -21,6 +21,7 @@ from .config import FrozenConfig, init_args_from_config
 from .layers import ACTIVATIONS, Attention, SpatialNorm, Upsample2D, memory_format_of
 from .outputs import DecoderOutput, VQEncoderOutput
 from .quantizer import VectorQuantizer
+from .threads import FAIR_THREADS
 
 #: The modules VQModel.exact switches (a plain attribute: the state dict does not change).
 _EXACT_SWITCHED = (Upsample2D, SpatialNorm, Attention, nn.GroupNorm, Encoder, Decoder)
@@ -190,6 +191,14 @@ class VQModel(nn.Module):
         return max(2, self.slicing_max_memory // per_image)
 
     def _sliced(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: int) -> torch.Tensor:
+        """run(x) on CPU threads the machine gives (threads.py); a compiled graph does not hold the
+        policy (it would break the graph), its caller may."""
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return self._in_slices(run, x, n)
+        with FAIR_THREADS():
+            return self._in_slices(run, x, n)
+
+    def _in_slices(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, n: int) -> torch.Tensor:
         """run(x) computed in balanced slices of about n images (none of a single image unless the
         batch is one), written into one preallocated output (no concatenation copy)."""
         batch = x.shape[0]
