@@ -6,7 +6,7 @@ PIP = $(PYTHON) -m pip
 # would pull a multi-GB CUDA build. An already installed torch (any build) is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test demo test test-bare test-avx2 test-triton-oldest bench bench-pytest
+.PHONY: install install-test demo test test-bare test-avx2 test-triton-oldest test-gpu-rehearsal bench bench-pytest
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -48,6 +48,16 @@ test-triton-oldest: install-test
 	build/triton-oldest/bin/python -m pip install -q "triton==$(TRITON_OLDEST)"
 	build/triton-oldest/bin/python -c "import triton; assert triton.__version__ == '$(TRITON_OLDEST)', triton.__version__"
 	build/triton-oldest/bin/python -m pytest $(KERNEL_TESTS)
+
+# The GPU machine's script, rehearsed on this CPU (CI runs it): bench/gpu_check.sh with the kernels
+# in the interpreter and tiny cases, every step's code, one results JSON and one log in the folder;
+# then the GPU test selection as the GPU runs it (TRITON_INTERPRET=0), where every kernel case
+# must skip, naming the missing GPU, and the rest pass.
+test-gpu-rehearsal: install-test
+	rm -rf build/gpu-rehearsal
+	QUICK=1 OUT=build/gpu-rehearsal bash bench/gpu_check.sh
+	test "$$(ls build/gpu-rehearsal)" = "$$(printf 'gpu-check.json\ngpu-check.log')"
+	TRITON_INTERPRET=0 $(PYTHON) -m pytest -q $$($(PYTHON) bench/gpu_check.py --print-tests)
 
 # `vqfast bench` (this device's default subset) writes its JSON to bench/results/, then the
 # README's table is regenerated from every committed result. bench-pytest runs the

@@ -1,7 +1,6 @@
 """The kernels' static cost report, and (on a GPU) the same cases measured beside it.
 
     python bench/kernel_resources.py                  # any machine, no GPU: the static report
-    python bench/kernel_resources.py --measure OUT    # a CUDA machine: time every case
 
 Without arguments: writes the static report (vqfast/kernels/aot.py) to
 bench/results/kernel-resources.{json,md}: per launch configuration and target, registers, shared
@@ -9,22 +8,25 @@ memory, spills, and the hot loop read from the SASS (instructions per item, shuf
 global access widths), with the static time estimate for the benchmark case. Nothing there is
 measured.
 
-With --measure (bench/gpu_check.sh runs it): per kernel case of the report (sm_90 rows, at their
-benchmark sizes), the measured time of vqfast's Triton op (CUDA events via
-triton.testing.do_bench, median after warm-up, several input sets) beside the static estimate,
-the achieved GB/s against this card's copy bandwidth measured in the same run, for the search
-the (row, code) pairs per second against the FP32 issue limit, and the baselines: PyTorch's own
-ops, torch.compile of them, and diffusers' eager module when diffusers imports. Writes
-OUT/kernels.json and OUT/kernels.md.
+measure_cases (bench/gpu_check.py runs it on a GPU, and on CPU with the kernels interpreted as
+its rehearsal): per kernel case of the report (sm_90 rows, at their benchmark sizes), the measured
+time of vqfast's Triton op (CUDA events via triton.testing.do_bench, median after warm-up,
+several input sets) beside the static estimate, the achieved GB/s against the copy bandwidth
+measured in the same run, for the search the (row, code) pairs per second against the FP32
+issue limit, and the baselines: PyTorch's own ops, torch.compile of them, and diffusers' eager
+module when diffusers imports.
 """
 
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import torch
 import triton
 
 RESULTS = Path(__file__).parent / "results"
@@ -72,9 +74,8 @@ def main() -> None:
 
 def _median_ms(fn, inputs: list) -> float:
     """Median milliseconds of fn(*args) cycling over several input sets (so the L2 cache does not
-    hold the one being measured), after warm-up."""
-    import triton.testing
-
+    hold the one being measured), after warm-up: CUDA events (triton.testing.do_bench) when the
+    inputs are on a GPU, perf_counter on CPU (the rehearsal)."""
     state = {"i": 0}
 
     def call():
@@ -82,25 +83,36 @@ def _median_ms(fn, inputs: list) -> float:
         state["i"] += 1
         return fn(*args)
 
-    return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
+    first = inputs[0][0]
+    if first.is_cuda:
+        import triton.testing
+
+        with torch.cuda.device(first.device):  # do_bench records and synchronises the current device
+            return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
+    call()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        call()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
 
 
-def copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read + write), measured here."""
-    import torch
-
-    src = torch.empty(2**28, dtype=torch.float32, device="cuda")
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a device-to-device copy (read + write) of 1 GiB (64 MiB on CPU),
+    measured here."""
+    src = torch.empty(2**28 if device.startswith("cuda") else 2**24, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     ms = _median_ms(lambda a, b: b.copy_(a), [(src, dst)])
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
-def fp32_issue_rate() -> tuple[float, float]:
+def fp32_issue_rate(device: str) -> tuple[float | None, float | None]:
     """(FP32 lane-instructions per second: SMs x 128 lanes x the maximum SM clock from nvidia-smi,
-    that clock in MHz)."""
-    import torch
-
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    that clock in MHz); (None, None) on CPU."""
+    if not device.startswith("cuda"):
+        return None, None
+    sms = torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
     try:
         mhz = float(subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits"],
                                    capture_output=True, text=True, check=True).stdout.split()[0])
@@ -110,20 +122,19 @@ def fp32_issue_rate() -> tuple[float, float]:
 
 
 def _compiled(fn):
-    import torch
-
     return torch.compile(fn, dynamic=False)
 
 
 def search_cases(quick: bool) -> list[dict]:
     """(dtype, D, K, N) of the report's search rows that have a benchmark size."""
-    shapes = [(4, 16384), (64, 8192), (256, 16384)] if not quick else [(4, 1024)]
-    return [dict(dtype=t, D=D, K=K, N=65536 if not quick else 4096) for t in ("float32", "float16") for D, K in shapes]
+    shapes = [(4, 16384), (64, 8192), (256, 16384)] if not quick else [(4, 256)]
+    return [dict(dtype=t, D=D, K=K, N=65536 if not quick else 512) for t in ("float32", "float16") for D, K in shapes]
 
 
 def norm_cases(quick: bool) -> list[dict]:
     if quick:
-        return [dict(dtype="float16", layout="nchw", B=1, C=64, G=32, H=64, W=64, spatial=False)]
+        return [dict(dtype="float16", layout="nchw", B=1, C=64, G=32, H=32, W=32, spatial=False),
+                dict(dtype="float32", layout="channels_last", B=1, C=64, G=32, H=32, W=32, spatial=True)]
     cases = []
     for dtype in ("float16", "bfloat16", "float32"):
         for layout in ("nchw", "channels_last"):
@@ -140,30 +151,38 @@ def _estimate(rows: list[dict], **match) -> float | None:
     return sum(found) if found else None
 
 
-def measure(out: Path, quick: bool) -> None:
-    import torch
+def measure_env(device: str) -> dict:
+    """The card (or CPU), versions, date, and this device's copy bandwidth and FP32 issue rate,
+    measured now (the yardsticks of every case)."""
+    import platform
+
+    report = json.loads((RESULTS / "kernel-resources.json").read_text())
+    bw = copy_bandwidth(device)
+    issue, mhz = fp32_issue_rate(device)
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else platform.processor() or "cpu"
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "copy_gb_per_s": round(bw / 1e9, 1),
+            "fp32_issue_per_s": issue, "sm_clock_mhz": mhz,
+            "estimates_from": f"bench/results/kernel-resources.json (triton {report['meta']['triton']}, {report['meta']['date']})"}
+
+
+def measure_cases(device: str, quick: bool, copy_bytes_per_s: float, issue_per_s: float | None):
+    """Yields one dict per kernel case of the report, measured on ``device`` beside its static
+    estimate and its baselines, as soon as it is measured (a caller with a deadline stops
+    taking them)."""
     import torch.nn.functional as F
 
     from vqfast import functional as vf
     from vqfast import set_backend
 
-    out.mkdir(parents=True, exist_ok=True)
-    report = json.loads((RESULTS / "kernel-resources.json").read_text())
-    rows = report["rows"]
-    if not torch.cuda.is_available():
-        (out / "kernels.json").write_text(json.dumps({"skipped": "no CUDA device: kernel timings need a GPU"}) + "\n")
-        print("no CUDA device: nothing measured (kernel timings need a GPU)")
-        return
+    rows = json.loads((RESULTS / "kernel-resources.json").read_text())["rows"]
     try:
         import diffusers  # noqa: F401
         from diffusers.models.attention_processor import SpatialNorm as DiffusersSpatialNorm
         from diffusers.models.autoencoders.vae import VectorQuantizer as DiffusersVQ
     except ImportError:
         DiffusersSpatialNorm = DiffusersVQ = None
-    bw = copy_bandwidth()
-    issue, mhz = fp32_issue_rate()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    results = []
+    g = torch.Generator(device=device).manual_seed(0)
 
     def timed(name, fn, inputs):
         try:
@@ -174,17 +193,18 @@ def measure(out: Path, quick: bool) -> None:
 
     for c in search_cases(quick):
         dtype = getattr(torch, c["dtype"])
-        book = torch.randn(c["K"], c["D"], device="cuda", generator=g).to(dtype)
-        inputs = [(torch.randn(c["N"], c["D"], device="cuda", generator=g).to(dtype), book) for _ in range(3)]
+        book = torch.randn(c["K"], c["D"], device=device, generator=g).to(dtype)
+        inputs = [(torch.randn(c["N"], c["D"], device=device, generator=g).to(dtype), book) for _ in range(3)]
         set_backend("triton")
         ours = timed("vqfast", lambda z, e: vf.nearest_code(z, e), inputs)
         set_backend(None)
-        torch_op = lambda z, e: torch.cdist(z.float(), e.float()).argmin(1)
-        base = {"torch cdist+argmin": timed("cdist", torch_op, inputs),
-                "torch.compile(cdist+argmin)": timed("compile", _compiled(torch_op), inputs)}
+        torch_op = lambda z, e: torch.cdist(z.float(), e.float()).argmin(1)  # noqa: E731
+        base = {"torch cdist+argmin": timed("cdist", torch_op, inputs)}
+        if not quick:
+            base["torch.compile(cdist+argmin)"] = timed("compile", _compiled(torch_op), inputs)
         if DiffusersVQ is not None:
             try:
-                vq = DiffusersVQ(c["K"], c["D"], beta=0.25).to("cuda", dtype)
+                vq = DiffusersVQ(c["K"], c["D"], beta=0.25).to(device, dtype)
                 vq.embedding.weight.data.copy_(book)
                 z4 = [(z.t().reshape(1, c["D"], 1, c["N"]).contiguous(),) for z, _ in inputs]
                 base["diffusers VectorQuantizer"] = timed("diffusers", lambda z: vq(z), z4)
@@ -192,79 +212,53 @@ def measure(out: Path, quick: bool) -> None:
                 print(f"diffusers VectorQuantizer: {type(e).__name__}: {str(e)[:200]}")
         pairs = c["N"] * c["K"]
         nbytes = c["N"] * c["D"] * book.element_size() + c["N"] * 8
-        results.append(dict(kernel="nearest_code", **c, measured_us=ours,
-                            estimate_us_h200=_estimate(rows, kernel="nearest_code", dtype=c["dtype"], D=c["D"], K=c["K"]),
-                            pairs_per_s=pairs / (ours * 1e-6) if ours else None,
-                            issue_limit_pairs_per_s=issue / (c["D"] + 3), baselines_us=base,
-                            gb_per_s=nbytes / (ours * 1e-6) / 1e9 if ours else None))
+        yield dict(kernel="nearest_code", **c, measured_us=ours,
+                   estimate_us_h200=_estimate(rows, kernel="nearest_code", dtype=c["dtype"], D=c["D"], K=c["K"]),
+                   pairs_per_s=pairs / (ours * 1e-6) if ours else None,
+                   issue_limit_pairs_per_s=issue_per_s / (c["D"] + 3) if issue_per_s else None, baselines_us=base,
+                   gb_per_s=nbytes / (ours * 1e-6) / 1e9 if ours else None,
+                   copy_fraction=nbytes / (ours * 1e-6) / copy_bytes_per_s if ours else None)
     for c in norm_cases(quick):
         dtype = getattr(torch, c["dtype"])
         fmt = torch.channels_last if c["layout"] == "channels_last" else torch.contiguous_format
         shape = (c["B"], c["C"], c["H"], c["W"])
-        w, b = torch.randn(c["C"], device="cuda", generator=g).to(dtype), torch.randn(c["C"], device="cuda", generator=g).to(dtype)
-        xs = [torch.randn(shape, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt) for _ in range(3)]
+        w, b = torch.randn(c["C"], device=device, generator=g).to(dtype), torch.randn(c["C"], device=device, generator=g).to(dtype)
+        xs = [torch.randn(shape, device=device, generator=g).to(dtype).contiguous(memory_format=fmt) for _ in range(3)]
         if c["spatial"]:
             lo = (c["B"], c["C"], c["H"] // 8, c["W"] // 8)
-            maps = [(torch.randn(lo, device="cuda", generator=g).to(dtype), torch.randn(lo, device="cuda", generator=g).to(dtype))
+            maps = [(torch.randn(lo, device=device, generator=g).to(dtype), torch.randn(lo, device=device, generator=g).to(dtype))
                     for _ in range(3)]
             inputs = [(x, *m) for x, m in zip(xs, maps)]
-            ours_fn = lambda x, s, t: vf.spatial_norm(x, s, t, c["G"], None, None, activation="silu")
+            ours_fn = lambda x, s, t: vf.spatial_norm(x, s, t, c["G"], None, None, activation="silu")  # noqa: E731
 
             def torch_op(x, s, t):
-                up = lambda m: F.interpolate(m, size=x.shape[-2:], mode="nearest")
+                up = lambda m: F.interpolate(m, size=x.shape[-2:], mode="nearest")  # noqa: E731
                 return F.silu(F.group_norm(x, c["G"], None, None, 1e-6) * up(s) + up(t))
         else:
             inputs = [(x,) for x in xs]
-            ours_fn = lambda x: vf.group_norm(x, c["G"], w, b, activation="silu")
-            torch_op = lambda x: F.silu(F.group_norm(x, c["G"], w, b, 1e-6))
+            ours_fn = lambda x: vf.group_norm(x, c["G"], w, b, activation="silu")  # noqa: E731
+            torch_op = lambda x: F.silu(F.group_norm(x, c["G"], w, b, 1e-6))  # noqa: E731
         set_backend("triton")
         ours = timed("vqfast", ours_fn, inputs)
         set_backend(None)
-        base = {"torch group_norm+silu" + (" (upsampled maps)" if c["spatial"] else ""): timed("torch", torch_op, inputs),
-                "torch.compile of it": timed("compile", _compiled(torch_op), inputs)}
+        base = {"torch group_norm+silu" + (" (upsampled maps)" if c["spatial"] else ""): timed("torch", torch_op, inputs)}
+        if not quick:
+            base["torch.compile of it"] = timed("compile", _compiled(torch_op), inputs)
         if c["spatial"] and DiffusersSpatialNorm is not None:
             try:
-                sn = DiffusersSpatialNorm(c["C"], c["C"]).to("cuda", dtype)  # zq with C channels
-                base["diffusers SpatialNorm (+silu)"] = timed(
-                    "diffusers", lambda x, s, t: F.silu(sn(x, s)), inputs)
+                sn = DiffusersSpatialNorm(c["C"], c["C"]).to(device, dtype)  # zq with C channels
+                base["diffusers SpatialNorm (+silu)"] = timed("diffusers", lambda x, s, t: F.silu(sn(x, s)), inputs)
             except Exception as e:
                 print(f"diffusers SpatialNorm: {type(e).__name__}: {str(e)[:200]}")
         numel = xs[0].numel()
         nbytes = 3 * numel * xs[0].element_size()  # two reads and a write of the activation
-        results.append(dict(kernel="group_norm+silu" if not c["spatial"] else "spatial_norm+silu", **c,
-                            measured_us=ours, megabytes=numel * xs[0].element_size() / 2**20,
-                            estimate_us_h200=_estimate(rows, dtype=c["dtype"], layout=c["layout"], B=c["B"], C=c["C"],
-                                                       HW=c["H"] * c["W"], spatial=c["spatial"]),
-                            gb_per_s=nbytes / (ours * 1e-6) / 1e9 if ours else None, baselines_us=base))
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.date.today().isoformat(), "copy_gb_per_s": round(bw / 1e9, 1),
-           "fp32_issue_per_s": issue, "sm_clock_mhz": mhz,
-           "estimates_from": f"bench/results/kernel-resources.json (triton {report['meta']['triton']}, {report['meta']['date']})"}
-    (out / "kernels.json").write_text(json.dumps({"env": env, "results": results}, indent=1) + "\n")
-    lines = [f"# Kernel cases on {env['gpu']} ({env['date']}, torch {env['torch']}, triton {env['triton']})", "",
-             f"Copy bandwidth measured in this run: {env['copy_gb_per_s']} GB/s. FP32 issue limit: SMs x 128 x "
-             f"{mhz:.0f} MHz. Static estimates from {env['estimates_from']} (an estimate, not a measurement).", "",
-             "| case | measured us | static estimate us | GB/s (% of copy) | pairs/s (% of issue limit) | baselines us |",
-             "|---|---|---|---|---|---|"]
-    for r in results:
-        name = " ".join(f"{k}={r[k]}" for k in ("kernel", "dtype", "layout", "D", "K", "N", "B", "C", "H", "W") if k in r)
-        gbs = f"{r['gb_per_s']:.0f} ({100 * r['gb_per_s'] * 1e9 / bw:.0f}%)" if r.get("gb_per_s") else ""
-        pps = (f"{r['pairs_per_s']:.3g} ({100 * r['pairs_per_s'] / r['issue_limit_pairs_per_s']:.0f}%)"
-               if r.get("pairs_per_s") else "")
-        base = "; ".join(f"{k} {v}" for k, v in r["baselines_us"].items())
-        lines.append(f"| {name} | {r['measured_us']} | {r['estimate_us_h200']} | {gbs} | {pps} | {base} |")
-    (out / "kernels.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        yield dict(kernel="group_norm+silu" if not c["spatial"] else "spatial_norm+silu", **c,
+                   measured_us=ours, megabytes=numel * xs[0].element_size() / 2**20,
+                   estimate_us_h200=_estimate(rows, dtype=c["dtype"], layout=c["layout"], B=c["B"], C=c["C"],
+                                              HW=c["H"] * c["W"], spatial=c["spatial"]),
+                   gb_per_s=nbytes / (ours * 1e-6) / 1e9 if ours else None,
+                   copy_fraction=nbytes / (ours * 1e-6) / copy_bytes_per_s if ours else None, baselines_us=base)
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--measure", type=Path, metavar="OUT", help="time every kernel case on this GPU into OUT/")
-    parser.add_argument("--quick", action="store_true", help="the smallest cases (a dry run of the plumbing)")
-    args = parser.parse_args()
-    if args.measure:
-        measure(args.measure, args.quick)
-    else:
-        main()
+    main()

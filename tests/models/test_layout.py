@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import images, make_pair, rel_err
+from conftest import images, make_ours, make_pair, rel_err, use_triton
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqfast
@@ -32,7 +32,7 @@ class OpRecorder(TorchDispatchMode):
 @pytest.fixture
 def use_backend():
     def use(name):
-        vqfast.set_backend(name)
+        use_triton() if name == "triton" else vqfast.set_backend(name)
 
     yield use
     vqfast.set_backend(None)
@@ -47,9 +47,12 @@ def use_backend():
 INTERPRETED = dict(layers_per_block=1, num_vq_embeddings=1024)
 
 @pytest.mark.parametrize("backend, name", [("eager", "movq"), ("eager", "amused"), ("triton", "movq")])
-def test_channels_last_model_stays_channels_last(use_backend, backend, name):
-    _, ours = make_pair(name, **(INTERPRETED if backend == "triton" else {}))
-    x = images(2, 32 if name == "amused" else 16)  # latents of 2x2 at least: 1x1 has no layout
+def test_channels_last_model_stays_channels_last(use_backend, device, backend, name):
+    if backend == "triton":
+        use_backend(backend)  # skipped here where the kernels cannot run
+    ours = make_ours(name, **(INTERPRETED if backend == "triton" else {})).to(device)
+    x = images(2, 32 if name == "amused" else 16).to(device)  # latents of 2x2 at least: 1x1 has no layout
+    vqfast.set_backend("eager")
     with torch.no_grad():
         latents = ours.encode(x).latents
         ref = ours.decode(latents).sample if backend == "triton" else ours(x).sample
@@ -83,6 +86,7 @@ def test_channels_last_model_stays_channels_last(use_backend, backend, name):
 def test_cpu_eager_runs_channels_last_inside_and_returns_the_input_layout(use_backend):
     """On the CPU's eager path an NCHW call runs its convolutions channels_last (oneDNN's fast
     layout) and hands back NCHW images and latents; ``exact`` keeps diffusers' NCHW convolutions."""
+    pytest.importorskip("diffusers", reason="the reference is diffusers' model (a test dependency)")
     use_backend("eager")
     theirs, ours = make_pair("movq")
     x = images(2, 16)
@@ -118,14 +122,14 @@ def test_channels_last_group_norm_does_not_cancel():
     "backend, call",
     [("eager", "encode"), ("eager", "decode"), ("eager", "forward"), ("eager", "decode_ids"), ("triton", "decode")],
 )
-def test_no_host_syncs(use_backend, backend, call):
+def test_no_host_syncs(use_backend, device, backend, call):
     """No .item() / nonzero / bool(tensor) on the model's paths: each would stall a GPU stream.
     A token-id decode makes exactly one, to refuse ids outside the codebook by name. (A decode
     runs all three kernels on the Triton path.)"""
     use_backend(backend)
     name = "amused" if call == "decode_ids" else "movq"
-    _, ours = make_pair(name, **(INTERPRETED if backend == "triton" else {}))
-    x = images(1, 16)
+    ours = make_ours(name, **(INTERPRETED if backend == "triton" else {})).to(device)
+    x = images(1, 16).to(device)
     with torch.no_grad():
         latents = ours.encode(x).latents
         ids = ours.quantize(latents)[2][2].view(1, *latents.shape[-2:])

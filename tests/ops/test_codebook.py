@@ -3,7 +3,7 @@ or on a GPU): exact against float64, every layout, hostile inputs, canaries, aut
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import use_triton
 
 import vqfast
 from vqfast import functional as vf
@@ -56,75 +56,75 @@ def check_quantize(z, codebook, dim=1):
 @pytest.mark.parametrize("K", [1, 7, 257, 1000])
 @pytest.mark.parametrize("D", [1, 3, 4, 17, 64, 256])
 @pytest.mark.parametrize("N", [0, 1, 37])
-def test_equals_float64_argmin(backend, K, D, N):
+def test_equals_float64_argmin(backend, K, D, N, device):
     g = torch.Generator().manual_seed(K * 1000 + D * 10 + N)
-    codebook = torch.randn(K, D, generator=g).to(DEVICE)
-    z = torch.randn(N, D, generator=g).to(DEVICE)
+    codebook = torch.randn(K, D, generator=g).to(device)
+    z = torch.randn(N, D, generator=g).to(device)
     assert torch.equal(vf.nearest_code(z, codebook), check_quantize(z, codebook)[1])
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "slice_in_nan", "rows_dim_last", "five_d"])
-def test_layouts_are_read_through_strides(backend, layout):
+def test_layouts_are_read_through_strides(backend, layout, device):
     g = torch.Generator().manual_seed(0)
-    codebook = torch.randn(50, 4, generator=g).to(DEVICE)
-    base = torch.randn(2, 4, 5, 7, generator=g).to(DEVICE)
+    codebook = torch.randn(50, 4, generator=g).to(device)
+    base = torch.randn(2, 4, 5, 7, generator=g).to(device)
     dim = 1
     if layout == "nchw":
         z = base
     elif layout == "channels_last":
         z = base.contiguous(memory_format=torch.channels_last)
     elif layout == "slice_in_nan":
-        storage = torch.full((3, 9, 6, 8), float("nan"), device=DEVICE)
+        storage = torch.full((3, 9, 6, 8), float("nan"), device=device)
         storage[1:3, 2:6, 1:6, 1:8] = base
         z = storage[1:3, 2:6, 1:6, 1:8]
     elif layout == "rows_dim_last":
         z, dim = base.permute(0, 2, 3, 1), -1
     else:  # five dims whose rows cannot be merged into three by any view
-        z = torch.randn(2, 3, 4, 5, 6, generator=g).to(DEVICE).permute(4, 0, 2, 1, 3)[:, :, :, :, ::2]
-        codebook = torch.randn(50, 3, generator=g).to(DEVICE)
+        z = torch.randn(2, 3, 4, 5, 6, generator=g).to(device).permute(4, 0, 2, 1, 3)[:, :, :, :, ::2]
+        codebook = torch.randn(50, 3, generator=g).to(device)
         dim = 3
     z_q, idx, _ = check_quantize(z, codebook, dim)
     assert not z_q.isnan().any()
     assert torch.equal(vf.nearest_code(z, codebook, dim=dim), idx)
 
 
-def test_duplicate_codes_in_different_tiles_go_to_the_lowest_index(backend):
+def test_duplicate_codes_in_different_tiles_go_to_the_lowest_index(backend, device):
     g = torch.Generator().manual_seed(2)
     for D in (8, 32):
         codebook = torch.randn(300, D, generator=g)
         codebook[150] = codebook[3]
         codebook[299] = codebook[3]
         z = codebook[[3, 150, 299, 7]] + 1e-3 * torch.randn(4, D, generator=g)
-        assert vf.nearest_code(z.to(DEVICE), codebook.to(DEVICE)).tolist() == [3, 3, 3, 7]
+        assert vf.nearest_code(z.to(device), codebook.to(device)).tolist() == [3, 3, 3, 7]
 
 
 @pytest.mark.parametrize("offset", ["plus20", "mean300"])
-def test_large_offsets_keep_exactness(backend, offset):
+def test_large_offsets_keep_exactness(backend, offset, device):
     g = torch.Generator().manual_seed(1)
     for D in (3, 64):
         if offset == "plus20":
             codebook, z = torch.randn(512, D, generator=g) + 20, torch.randn(200, D, generator=g) + 20
         else:
             codebook, z = 300 + 0.1 * torch.randn(512, D, generator=g), 300 + 0.1 * torch.randn(200, D, generator=g)
-        check_quantize(z.to(DEVICE), codebook.to(DEVICE))
+        check_quantize(z.to(device), codebook.to(device))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_half_and_double_inputs(backend, dtype):
+def test_half_and_double_inputs(backend, dtype, device):
     g = torch.Generator().manual_seed(4)
     for D in (4, 64):
-        codebook = (torch.randn(300, D, generator=g) * 100).to(dtype).to(DEVICE)  # fp16 values above 256
-        z = (torch.randn(40, D, generator=g) * 100).to(dtype).to(DEVICE)
+        codebook = (torch.randn(300, D, generator=g) * 100).to(dtype).to(device)  # fp16 values above 256
+        z = (torch.randn(40, D, generator=g) * 100).to(dtype).to(device)
         z_q, idx, loss = check_quantize(z, codebook)
         ref = 1.25 * ((codebook.double()[idx] - z.double()) ** 2).mean()
         assert abs(loss.double().item() - ref.item()) <= 1e-2 * ref.item()
 
 
-def test_nan_row_gets_index_zero_and_leaves_other_rows_alone(backend):
+def test_nan_row_gets_index_zero_and_leaves_other_rows_alone(backend, device):
     g = torch.Generator().manual_seed(3)
     for D in (4, 32):
-        codebook = torch.randn(100, D, generator=g).to(DEVICE)
-        z = torch.randn(10, D, generator=g).to(DEVICE)
+        codebook = torch.randn(100, D, generator=g).to(device)
+        z = torch.randn(10, D, generator=g).to(device)
         clean = vf.nearest_code(z, codebook)
         z[4, 2] = float("nan")
         idx = vf.nearest_code(z, codebook)
@@ -133,17 +133,17 @@ def test_nan_row_gets_index_zero_and_leaves_other_rows_alone(backend):
         assert torch.equal(idx[:4], clean[:4]) and torch.equal(idx[5:], clean[5:])
 
 
-def test_canaries(backend, poisoned_allocations):
+def test_canaries(backend, poisoned_allocations, device):
     """Every buffer the op allocates starts as a sentinel, inputs sit in NaN-filled storage:
     no sentinel may survive in an output and no NaN may leak in."""
     g = torch.Generator().manual_seed(9)
     for D, K in ((4, 300), (40, 70)):
         storage = torch.full((3, D + 2, 6, 9), float("nan"))
         storage[:2, 1 : D + 1, 1:6, 1:8] = torch.randn(2, D, 5, 7, generator=g)
-        z = storage.to(DEVICE)[:2, 1 : D + 1, 1:6, 1:8]
+        z = storage.to(device)[:2, 1 : D + 1, 1:6, 1:8]
         book_storage = torch.full((K + 1, D + 3), float("nan"))
         book_storage[1:, 2 : D + 2] = torch.randn(K, D, generator=g)
-        codebook = book_storage.to(DEVICE)[1:, 2 : D + 2]
+        codebook = book_storage.to(device)[1:, 2 : D + 2]
         z_q, idx, loss = vf.quantize(z, codebook)
         assert not z_q.isnan().any() and not loss.isnan()
         assert idx.min() >= 0 and idx.max() < K
@@ -151,11 +151,11 @@ def test_canaries(backend, poisoned_allocations):
 
 
 @pytest.mark.parametrize("legacy", [True, False])
-def test_gradients_follow_diffusers_formula(backend, legacy):
+def test_gradients_follow_diffusers_formula(backend, legacy, device):
     g = torch.Generator().manual_seed(8)
     for D in (3, 20):
-        codebook = torch.randn(6, D, generator=g).to(DEVICE).requires_grad_()
-        z = torch.randn(2, D, 3, 2, generator=g).to(DEVICE).requires_grad_()
+        codebook = torch.randn(6, D, generator=g).to(device).requires_grad_()
+        z = torch.randn(2, D, 3, 2, generator=g).to(device).requires_grad_()
         z_q, idx, loss = vf.quantize(z, codebook, beta=0.5, legacy=legacy)
         (z_q * 3).sum().add(loss * 2).backward()
         e = codebook.detach()[idx].movedim(-1, 1)
@@ -167,24 +167,24 @@ def test_gradients_follow_diffusers_formula(backend, legacy):
         assert torch.allclose(codebook.grad, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_gradcheck_float64(backend):
+def test_gradcheck_float64(backend, device):
     """The straight-through output has no numerical derivative, but each stop-gradient half of
     the loss does: the first with respect to z alone, the second with respect to the codebook."""
     g = torch.Generator().manual_seed(8)
-    codebook = torch.randn(6, 3, generator=g, dtype=torch.float64).to(DEVICE)
-    z = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64).to(DEVICE)
+    codebook = torch.randn(6, 3, generator=g, dtype=torch.float64).to(device)
+    z = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64).to(device)
     first = lambda z_: vf.quantize(z_, codebook, beta=0.0, legacy=True)[2]
     second = lambda e_: vf.quantize(z, e_, beta=0.0, legacy=False)[2]
     assert torch.autograd.gradcheck(first, (z.clone().requires_grad_(),))
     assert torch.autograd.gradcheck(second, (codebook.clone().requires_grad_(),))
 
 
-def test_opcheck(backend):
+def test_opcheck(backend, device):
     use_triton = backend == "triton"
     g = torch.Generator().manual_seed(10)
     for D in (4, 32):
-        z = torch.randn(2, D, 3, 5, generator=g).to(DEVICE)
-        codebook = torch.randn(40, D, generator=g).to(DEVICE)
+        z = torch.randn(2, D, 3, 5, generator=g).to(device)
+        codebook = torch.randn(40, D, generator=g).to(device)
         torch.library.opcheck(torch.ops.vqfast.nearest_code.default, (z, codebook, 1, use_triton))
         args = (z.clone().requires_grad_(), codebook.clone().requires_grad_(), 1, 1.0, 0.25, use_triton)
         torch.library.opcheck(torch.ops.vqfast.quantize.default, args)
@@ -194,7 +194,7 @@ def test_opcheck(backend):
 
 # Inductor runs once, on the kernel path: its C++ code generation takes ~20 s on this CPU.
 @pytest.mark.parametrize("path, compiler", [("eager", "aot_eager"), ("triton", "aot_eager"), ("triton", "inductor")])
-def test_torch_compile_fullgraph(path, compiler):
+def test_torch_compile_fullgraph(path, compiler, device):
     vqfast.set_backend(path)
     torch._dynamo.reset()
 
@@ -204,8 +204,8 @@ def test_torch_compile_fullgraph(path, compiler):
         return (z_q * 2).sum() + loss, idx
 
     g = torch.Generator().manual_seed(11)
-    z = torch.randn(2, 4, 3, 5, generator=g).to(DEVICE).requires_grad_()
-    codebook = torch.randn(30, 4, generator=g).to(DEVICE).requires_grad_()
+    z = torch.randn(2, 4, 3, 5, generator=g).to(device).requires_grad_()
+    codebook = torch.randn(30, 4, generator=g).to(device).requires_grad_()
     out, idx = step(z, codebook)
     out.backward()
     assert torch.equal(idx, vf.nearest_code(z, codebook))
@@ -227,22 +227,25 @@ def test_bad_arguments_are_named():
         vf.nearest_code(torch.randn(2, 4), torch.randn(8, 4), dim=3)
 
 
-def test_model_on_the_triton_path_matches_eager():
+def test_model_on_the_triton_path_matches_eager(device):
     torch.manual_seed(0)
-    model = vqfast.VQModel(block_out_channels=(32,), norm_num_groups=8, num_vq_embeddings=40).eval().to(DEVICE)
-    x = torch.randn(1, 3, 8, 8, device=DEVICE)
-    with torch.no_grad():
-        vqfast.set_backend("eager")
-        ref = model(x)
-        vqfast.set_backend("triton")
-        out = model(x)
-    vqfast.set_backend(None)
+    model = vqfast.VQModel(block_out_channels=(32,), norm_num_groups=8, num_vq_embeddings=40).eval().to(device)
+    x = torch.randn(1, 3, 8, 8, device=device)
+    use_triton()  # skipped where the kernels cannot run
+    try:
+        with torch.no_grad():
+            vqfast.set_backend("eager")
+            ref = model(x)
+            vqfast.set_backend("triton")
+            out = model(x)
+    finally:
+        vqfast.set_backend(None)
     # the norms run their kernels too now: equal to rounding, not bitwise
     assert ((out.sample - ref.sample).abs().max() / ref.sample.abs().max()).item() <= 1e-5
     assert torch.allclose(out.commit_loss, ref.commit_loss, rtol=1e-6)
 
 
-def test_nan_in_the_codebook_gives_every_row_index_zero(backend):
+def test_nan_in_the_codebook_gives_every_row_index_zero(backend, device):
     """A NaN code makes the codebook mean, so every centred code, NaN: every distance of the
     ranking is NaN and torch.argmin's first NaN is index 0, for every row."""
     g = torch.Generator().manual_seed(5)
@@ -250,4 +253,4 @@ def test_nan_in_the_codebook_gives_every_row_index_zero(backend):
         codebook = torch.randn(100, D, generator=g)
         codebook[70, 1] = float("nan")
         z = torch.randn(9, D, generator=g)
-        assert vf.nearest_code(z.to(DEVICE), codebook.to(DEVICE)).tolist() == [0] * 9
+        assert vf.nearest_code(z.to(device), codebook.to(device)).tolist() == [0] * 9

@@ -1,5 +1,7 @@
 """One place decides the path of each fused op; the choice is observable and never silent."""
 
+import os
+
 import pytest
 import torch
 
@@ -31,12 +33,17 @@ def test_auto_falls_back_to_eager_only_when_triton_cannot_import(monkeypatch):
         vqfast.backend_info("cuda")
 
 
-def test_forcing_eager_and_triton():
+def test_forcing_eager_and_triton(device):
     vqfast.set_backend("eager")
     assert vqfast.backend_info("cuda")["quantize"] == "eager"
     vqfast.set_backend("triton")
-    assert kernels.INTERPRETED  # the test suite runs the kernels in the interpreter
-    assert set(vqfast.backend_info("cpu").values()) == {"triton"}
+    assert set(vqfast.backend_info("cuda").values()) == {"triton"}
+    if kernels.INTERPRETED:  # the CPU suite runs the kernels in the interpreter, on CPU tensors
+        assert set(vqfast.backend_info("cpu").values()) == {"triton"}
+    else:  # compiled: CPU tensors are refused by name (a GPU run, or TRITON_INTERPRET=0 on CPU)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            vqfast.backend_info("cpu")
+    assert kernels.INTERPRETED == (os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def test_forced_triton_on_cpu_without_the_interpreter_raises(monkeypatch):

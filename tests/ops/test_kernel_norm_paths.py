@@ -5,19 +5,12 @@ and stay exact. Runs the kernels (interpreter on CPU, compiled on a GPU)."""
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import use_triton
 from test_norms import gn_ref, make, three_way
 
 import vqfast
 from vqfast import functional as vf
 from vqfast.kernels import group_norm as kernel
-
-
-@pytest.fixture
-def triton_backend():
-    vqfast.set_backend("triton")
-    yield
-    vqfast.set_backend(None)
 
 
 def path(x, G):
@@ -127,18 +120,18 @@ def test_spatial_apply_picks_pytorchs_nearest_source(triton_backend, tile_order,
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_spatial_pairs_are_a_view_of_the_models_maps(layout):
+def test_spatial_pairs_are_a_view_of_the_models_maps(layout, device):
     """The model's maps on the Triton path are the halves of float32 pairs in the layout the
     kernel gathers: the launcher then reads them in place; other maps are paired by a copy."""
     from vqfast.models.layers import SpatialNorm, spatial_maps
 
     norm = SpatialNorm(64, 4)
-    zq = torch.randn(2, 4, 3, 5, device=DEVICE)
-    like = torch.empty(2, 64, 6, 10, device=DEVICE)
+    zq = torch.randn(2, 4, 3, 5, device=device)
+    like = torch.empty(2, 64, 6, 10, device=device)
     channels_last = layout == "channels_last"
     if channels_last:
         like = like.contiguous(memory_format=torch.channels_last)
-    vqfast.set_backend("triton")
+    use_triton()
     try:
         scale, shift = spatial_maps(norm, zq, like)
     finally:

@@ -63,11 +63,11 @@ def test_group_norm_without_affine_and_on_sequences(backend):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_constant_input_gives_the_bias(backend, channels_last):
-    x = torch.full((2, 8, 5, 3), 7.25, device=DEVICE)
+def test_constant_input_gives_the_bias(backend, channels_last, device):
+    x = torch.full((2, 8, 5, 3), 7.25, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    b = torch.arange(8.0, device=DEVICE)
-    out = vf.group_norm(x, 2, torch.ones(8, device=DEVICE), b)
+    b = torch.arange(8.0, device=device)
+    out = vf.group_norm(x, 2, torch.ones(8, device=device), b)
     assert torch.equal(out, b.view(1, 8, 1, 1).expand_as(out))
 
 
@@ -128,16 +128,16 @@ def test_spatial_norm_three_way(backend, ratio, dtype, channels_last):
         three_way(out, ref, sn_ref(f, scale, shift, 32, wt, bs, silu))
 
 
-def test_canaries(backend, poisoned_allocations):
+def test_canaries(backend, poisoned_allocations, device):
     """Every buffer the op allocates starts as a sentinel, inputs sit in NaN-filled storage:
     no sentinel may survive in an output and no NaN may leak in."""
     g = torch.Generator().manual_seed(3)
     storage = torch.full((3, 70, 12, 12), float("nan"), dtype=torch.float64)
     storage[1:, 3:67, 1:11, 2:11] = torch.randn(2, 64, 10, 9, generator=g, dtype=torch.float64)
-    f = storage.float().to(DEVICE)[1:, 3:67, 1:11, 2:11]
+    f = storage.float().to(device)[1:, 3:67, 1:11, 2:11]
     maps = torch.full((2, 2, 66, 6, 5), float("nan"))
     maps[:, :, 1:65, 1:6, 1:4] = torch.randn(2, 2, 64, 5, 3, generator=g)
-    scale, shift = maps.to(DEVICE)[:, :, 1:65, 1:6, 1:4]
+    scale, shift = maps.to(device)[:, :, 1:65, 1:6, 1:4]
     out = vf.spatial_norm(f, scale, shift, 32, None, None, activation="silu")
     assert not out.isnan().any()
     ref = sn_ref(f.double(), scale.double(), shift.double(), 32, None, None, True)
@@ -147,16 +147,16 @@ def test_canaries(backend, poisoned_allocations):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gradients_float64(backend, channels_last):
+def test_gradients_float64(backend, channels_last, device):
     """Backward recomputes the forward through eager ops and differentiates it: gradcheck in
     float64 on the eager path; the kernel path (fp32 inside) must give the very same gradients.
     channels_last: the eager path's shifted statistics carry their gradients too."""
     g = torch.Generator().manual_seed(4)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64).to(DEVICE).contiguous(memory_format=layout)
-    w, b = torch.randn(2, 6, generator=g, dtype=torch.float64).to(DEVICE)
-    f = torch.randn(1, 32, 5, 4, generator=g, dtype=torch.float64).to(DEVICE).contiguous(memory_format=layout)
-    scale, shift = torch.randn(2, 1, 32, 3, 2, generator=g, dtype=torch.float64).to(DEVICE)
+    x = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64).to(device).contiguous(memory_format=layout)
+    w, b = torch.randn(2, 6, generator=g, dtype=torch.float64).to(device)
+    f = torch.randn(1, 32, 5, 4, generator=g, dtype=torch.float64).to(device).contiguous(memory_format=layout)
+    scale, shift = torch.randn(2, 1, 32, 3, 2, generator=g, dtype=torch.float64).to(device)
     gn = lambda *a: vf.group_norm(a[0], 3, a[1], a[2], activation="silu")
     sn = lambda *a: vf.spatial_norm(a[0], a[1], a[2], 32, None, None, activation="silu")
     for fn, inputs in ((gn, (x, w, b)), (sn, (f, scale, shift))):
@@ -173,16 +173,16 @@ def test_gradients_float64(backend, channels_last):
             assert torch.equal(fn(*leaves), out)
 
 
-def test_opcheck(backend):
+def test_opcheck(backend, device):
     use_triton = backend == "triton"
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 8, 5, 3, generator=g).to(DEVICE).requires_grad_()
-    w, b = torch.randn(2, 8, generator=g).to(DEVICE).requires_grad_()
+    x = torch.randn(2, 8, 5, 3, generator=g).to(device).requires_grad_()
+    w, b = torch.randn(2, 8, generator=g).to(device).requires_grad_()
     torch.library.opcheck(torch.ops.vqfast.group_norm.default, (x, 4, w, b, 1e-6, True, use_triton))
     cl = x.detach().contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.vqfast.group_norm.default, (cl, 4, None, None, 1e-6, False, use_triton))
-    f = torch.randn(1, 32, 6, 4, generator=g).to(DEVICE).requires_grad_()
-    scale, shift = torch.randn(2, 1, 32, 3, 2, generator=g).to(DEVICE)
+    f = torch.randn(1, 32, 6, 4, generator=g).to(device).requires_grad_()
+    scale, shift = torch.randn(2, 1, 32, 3, 2, generator=g).to(device)
     torch.library.opcheck(torch.ops.vqfast.spatial_norm.default, (f, scale, shift, 32, None, None, 1e-6, True, use_triton))
 
 
@@ -196,7 +196,7 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_compiled_decode_has_no_graph_break(backend, grad):
+def test_compiled_decode_has_no_graph_break(backend, grad, device):
     """torch.compile(model.decode, fullgraph=True) of a MoVQ-like model (SpatialNorm, attention):
     with gradients recorded every op of the tower is traced (on an x86-64 CPU in fp32 without
     them, the tower is one opaque op, see vqfast.models.tower_op)."""
@@ -206,8 +206,8 @@ def test_compiled_decode_has_no_graph_break(backend, grad):
         block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
         up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, vq_embed_dim=4,
         norm_type="spatial", num_vq_embeddings=64,
-    ).eval().to(DEVICE)
-    h = torch.randn(1, 4, 4, 4, device=DEVICE)
+    ).eval().to(device)
+    h = torch.randn(1, 4, 4, 4, device=device)
     decode = torch.compile(model.decode, fullgraph=True, backend="aot_eager")
     with torch.set_grad_enabled(grad):
         out, ref = decode(h).sample, model.decode(h).sample

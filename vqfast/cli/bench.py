@@ -163,7 +163,7 @@ def build(case: Case) -> Callable[[], object]:
         with torch.no_grad():
             out = run()
         if case.device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(case.device)  # the device the case runs on, not the current one
         return out
 
     return once
@@ -212,13 +212,14 @@ def measure_here(case: Case, repeat: int, warmup: int, threads: int | None = Non
     if case.impl.endswith("-compile"):
         run()  # compilation, outside the timed runs
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(case.device)
+        torch.cuda.reset_peak_memory_stats(case.device)
+        base = torch.cuda.memory_allocated(case.device)
     else:
         base = resident_peak_kib()
     run()  # the first run: peak memory (and compilation, for the compiled baseline)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else (resident_peak_kib() - base) / 1024
+    peak = ((torch.cuda.max_memory_allocated(case.device) - base) / 2**20 if cuda
+            else (resident_peak_kib() - base) / 1024)
     for _ in range(max(0, warmup - 1)):
         run()
     times = []

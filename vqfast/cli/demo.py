@@ -127,7 +127,7 @@ def side_by_side(panels: list[torch.Tensor], out: Path) -> tuple[int, int]:
 def median_times(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int = 5) -> dict[str, float]:
     """Median seconds of each fn over ``rounds`` rounds, after one warm-up call each. The fns take
     turns within a round, so a neighbour's load on a shared machine hits them alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds + 1):
         for name, fn in fns.items():

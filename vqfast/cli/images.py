@@ -309,8 +309,6 @@ def load_image(path: Path, size: int | None, expected: str | None = None,
     """(3, H, W) float32 in [-1, 1]; with ``size``, (3, size, size). Raises SkipImage when the file
     cannot be read as an image, is over ``max_pixels``, or its bytes no longer hash to
     ``expected`` (the scan's digest)."""
-    from PIL import Image, ImageOps
-
     problem = _unreadable_file(path, max_pixels)
     if problem:
         raise SkipImage(problem)
@@ -327,6 +325,16 @@ def load_image(path: Path, size: int | None, expected: str | None = None,
     if expected is not None and digest(data) != expected:
         raise SkipImage("changed while this run was reading the inputs (its bytes no longer match the scan "
                         "at the start); rerun to encode its new content")
+    return decode_image(data, size, max_pixels)
+
+
+def decode_image(data: bytes, size: int | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An image file's bytes as (3, H, W) float32 in [-1, 1] (with ``size``, resized and centre
+    cropped to size x size); SkipImage when they are no image PIL reads, or one over max_pixels."""
+    from PIL import Image, ImageOps
+
+    if len(data) > max_file_bytes(max_pixels):
+        raise SkipImage(f"is {len(data)} bytes, more than an image of --max-pixels {max_pixels} can take")
     try:
         with _open(data) as opened:
             problem = _too_large(*opened.size, max_pixels)

@@ -81,7 +81,7 @@ from typing import Callable
 
 import torch
 
-from . import budget, images, sharding, tokenfile
+from . import budget, images, shards, sharding, tokenfile
 from ..models.atomic import remove_stale, tag
 from ..models.messages import one_line
 from ..models.model import VQModel
@@ -388,6 +388,10 @@ def check_manifest(path: Path, command: str) -> None:
 
 
 def run_encode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
+    if any(shards.is_shard_input(a) for a in args.inputs):
+        return run_encode_shards(args, ranks)
+    if args.part is not None:
+        raise UsageError("--part splits webdataset shards between processes; the inputs are images (use torchrun)")
     output = Path(args.output)
     if output.is_dir():
         raise UsageError(f"-o {str(output)!r} is a folder; expected the path of the token file to write")
@@ -407,6 +411,23 @@ def run_encode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
                 stale.unlink(missing_ok=True)
         sharding.barrier(ranks)
         return encode_locked(args, ranks, model, items, factor, max_pixels, output, manifest_path)
+
+
+def run_encode_shards(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
+    """Shards in, one token shard per input shard out (shards.py)."""
+    plain = [a for a in args.inputs if not shards.is_shard_input(a)]
+    if plain:
+        raise UsageError(f"the inputs mix webdataset shards and images ({examples(plain)}): encode them in two runs")
+    check_workers(args.workers)
+    check_max_pixels(args.max_pixels)
+    model = load_model(args, ranks.device)
+
+    def batch_for(height: int, width: int) -> int:
+        probe = lambda: encode_ids(model, torch.zeros(1, 3, height, width, device=ranks.device, dtype=model.dtype))  # noqa: E731
+        return choose_batch(args, ranks, model, height, width, "encode", probe, set(), f"-o {args.output}")
+
+    return shards.run(args, ranks, model, lambda x: encode_ids(model, x.to(ranks.device, model.dtype)), batch_for,
+                      say, report)
 
 
 def encode_locked(args, ranks, model, items, factor, max_pixels, output, manifest_path) -> int:
@@ -691,8 +712,16 @@ def register(sub, name: str) -> None:
         p = sub.add_parser(name, help="turn images (files or folders) into token ids",
                            description="\n\n".join(doc[1:3]), formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR",
-                       help="image files and folders (searched recursively for png/jpg/jpeg/webp/bmp)")
-        p.add_argument("-o", "--output", required=True, help="the token file to write (.safetensors)")
+                       help="image files and folders (searched recursively for png/jpg/jpeg/webp/bmp), or "
+                            "webdataset shards: .tar files, folders of them, brace patterns (data/{00000..00099}.tar)")
+        p.add_argument("-o", "--output", required=True,
+                       help="the token file to write (.safetensors); with shards, the folder for the token shards")
+        p.add_argument("--image-ext", default=",".join(shards.IMAGE_EXTS), metavar="EXTS",
+                       help="shards: a sample's image is its first entry with one of these extensions "
+                            f"(default {','.join(shards.IMAGE_EXTS)})")
+        p.add_argument("--part", default=None, metavar="I/N",
+                       help="shards: take every N-th shard from the I-th (a SLURM array task: "
+                            "--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT), combined with torchrun's ranks")
         p.add_argument("--size", type=int, default=None,
                        help="resize the shorter side to N and crop the centre to N x N (default: keep the size; "
                             "all images must then have one size)")

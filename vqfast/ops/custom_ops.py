@@ -7,10 +7,12 @@ the op, where torch.compile can see it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
-from . import reference
+from . import reference, selfcheck
 from .derived import derived
 
 
@@ -50,6 +52,37 @@ def in_norm_layout(out: Tensor, x: Tensor) -> Tensor:
     return _new_like(x).copy_(out)
 
 
+def device_guard(t: Tensor) -> contextlib.AbstractContextManager:
+    """Kernels launch on the current CUDA device's current stream: make that t's device (a
+    tensor on cuda:1 would otherwise be launched on cuda:0's stream). Nothing to do on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch(t: Tensor, fn, *args, **kwargs):
+    """fn(*args, **kwargs) under t's device guard."""
+    with device_guard(t):
+        return fn(*args, **kwargs)
+
+
+def _layout(x: Tensor) -> str:
+    return "channels_last" if reference.is_channels_last(x) else "contiguous" if x.is_contiguous() else "strided"
+
+
+def _search_case(z: Tensor, codebook: Tensor) -> tuple:
+    """What picks the search kernel's compiled variant (selfcheck's specialisation)."""
+    return (f"z {str(z.dtype).removeprefix('torch.')}", f"codebook {str(codebook.dtype).removeprefix('torch.')}",
+            f"D={codebook.shape[1]}", str(z.device))
+
+
+def _norm_case(x: Tensor, weight: Tensor | None, silu: bool) -> tuple:
+    return (str(x.dtype).removeprefix("torch."), _layout(x), str(x.device), "silu" if silu else "no silu",
+            "affine" if weight is not None else "no affine")
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
 def centred(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The centred codebook both search paths rank with, built once per codebook state."""
     return derived(reference.centred_codebook, codebook, reference.accumulator(z, codebook))
@@ -57,9 +90,14 @@ def centred(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.library.custom_op("vqfast::nearest_code", mutates_args=())
 def nearest_code(z: Tensor, codebook: Tensor, dim: int, use_triton: bool) -> Tensor:
+    c = centred(z, codebook)
     if use_triton:
-        return _kernels().nearest_code(z, codebook, dim, write_zq=False, centred=centred(z, codebook))[0]
-    return reference.nearest_code(z, codebook, dim, centred=centred(z, codebook))
+        return selfcheck.run(
+            "nearest_code", _search_case(z, codebook),
+            lambda: _launch(z, _kernels().nearest_code, z, codebook, dim, write_zq=False, centred=c)[0],
+            lambda: reference.nearest_code(z, codebook, dim, centred=c),
+            lambda indices: selfcheck.search_problem(z, codebook, dim, indices, None))
+    return reference.nearest_code(z, codebook, dim, centred=c)
 
 
 @nearest_code.register_fake
@@ -72,10 +110,15 @@ def quantize_impl(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(z_q, indices, loss): z_q the nearest codes laid out like z, loss
     (z_weight + code_weight) * mean((code - z)^2) in z's dtype."""
+    c = centred(z, codebook)
     if use_triton:
-        indices, z_q, sse = _kernels().nearest_code(z, codebook, dim, write_zq=True, centred=centred(z, codebook))
+        indices, z_q, sse = selfcheck.run(
+            "quantize", _search_case(z, codebook),
+            lambda: _launch(z, _kernels().nearest_code, z, codebook, dim, write_zq=True, centred=c),
+            lambda: reference.quantize(z, codebook, dim, centred=c),
+            lambda out: selfcheck.search_problem(z, codebook, dim, out[0], out[1]))
     else:
-        indices, z_q, sse = reference.quantize(z, codebook, dim, centred=centred(z, codebook))
+        indices, z_q, sse = reference.quantize(z, codebook, dim, centred=c)
     loss = (sse * (z_weight + code_weight) / z.numel()).to(z.dtype)  # 0/0 = NaN for an empty z
     return z_q, indices, loss
 
@@ -150,11 +193,17 @@ class EagerQuantize(torch.autograd.Function):
 def group_norm(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float, silu: bool, use_triton: bool
 ) -> Tensor:
+    eager = lambda: in_norm_layout(reference.group_norm(x, num_groups, weight, bias, eps, silu), x)  # noqa: E731
     if use_triton:
         from ..kernels import group_norm as kernel
 
-        return kernel.norm(_new_like(x), x, num_groups, weight, bias, eps, silu)
-    return in_norm_layout(reference.group_norm(x, num_groups, weight, bias, eps, silu), x)
+        first = lambda dt: reference.group_norm(_cast(x[:1], dt), num_groups, _cast(weight, dt), _cast(bias, dt),  # noqa: E731
+                                                eps, silu)
+        return selfcheck.run(
+            "group_norm", _norm_case(x, weight, silu),
+            lambda: _launch(x, kernel.norm, _new_like(x), x, num_groups, weight, bias, eps, silu),
+            eager, lambda out: selfcheck.norm_problem(out, first))
+    return eager()
 
 
 @group_norm.register_fake
@@ -167,11 +216,18 @@ def spatial_norm(
     f: Tensor, scale: Tensor, shift: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
     eps: float, silu: bool, use_triton: bool,
 ) -> Tensor:
+    eager = lambda: in_norm_layout(reference.spatial_norm(f, scale, shift, num_groups, weight, bias, eps, silu), f)  # noqa: E731
     if use_triton:
         from ..kernels import spatial_norm as kernel
 
-        return kernel.spatial_norm(_new_like(f), f, scale, shift, num_groups, weight, bias, eps, silu)
-    return in_norm_layout(reference.spatial_norm(f, scale, shift, num_groups, weight, bias, eps, silu), f)
+        first = lambda dt: reference.spatial_norm(  # noqa: E731
+            _cast(f[:1], dt), _cast(scale[:1], dt), _cast(shift[:1], dt), num_groups, _cast(weight, dt), _cast(bias, dt),
+            eps, silu)
+        return selfcheck.run(
+            "spatial_norm", _norm_case(f, weight, silu),
+            lambda: _launch(f, kernel.spatial_norm, _new_like(f), f, scale, shift, num_groups, weight, bias, eps, silu),
+            eager, lambda out: selfcheck.norm_problem(out, first))
+    return eager()
 
 
 @spatial_norm.register_fake
