@@ -2,7 +2,7 @@
 
     python bench/gpu_check.py --out OUT [--budget SECONDS] [--quick]
 
-Four steps, most valuable first, each with its share of the budget; a step stops itself (taking
+Five steps, most valuable first, each with its share of the budget; a step stops itself (taking
 fewer cases) when its share is spent, and what a later step does not use is left to the next:
   correctness  the kernel tests (GPU_TESTS) on this device: every kernel against the eager
                reference, all dtypes and layouts, small shapes;
@@ -10,6 +10,7 @@ fewer cases) when its share is spent, and what a later step does not use is left
                this device's copy bandwidth measured in the same run;
   target       MoVQ decode, 512x512, batch 8, fp16: vqfast, its eager path, diffusers and
                torch.compile(diffusers);
+  dataset      a short bench/dataset.py: a generated webdataset tokenized end to end;
   grid         encode and decode of the real configs at batch 1 and 8, 256 and 512.
 Everything goes to ONE file, OUT/gpu-check.json (card, driver, versions, date, and every
 measurement), rewritten after each one, so a step that is killed keeps what it had; the wrapper
@@ -47,7 +48,7 @@ QUICK_TESTS = ["tests/ops/test_selfcheck.py", "tests/ops/test_dispatch.py",
                "tests/ops/test_codebook.py::test_duplicate_codes_in_different_tiles_go_to_the_lowest_index",
                "tests/ops/test_kernel_norm_paths.py::test_spatial_apply_picks_pytorchs_nearest_source"]
 #: Shares of the whole budget; what a step leaves goes to the next.
-SHARES = {"correctness": 0.3, "kernels": 0.2, "target": 0.25, "grid": 0.25}
+SHARES = {"correctness": 0.3, "kernels": 0.2, "target": 0.2, "dataset": 0.05, "grid": 0.25}
 
 
 class Results:
@@ -217,12 +218,35 @@ def grid(res: Results, deadline: float, device: str, quick: bool) -> None:
             return
 
 
-STEPS = {"correctness": correctness, "kernels": kernels, "target": target, "grid": grid}
+def dataset(res: Results, deadline: float, device: str, quick: bool) -> None:
+    """bench/dataset.py, short: a generated webdataset tokenized end to end, beside the loader
+    and the model alone."""
+    import tempfile
+
+    size = ["--images", "32", "--per-shard", "16", "--image-side", "96", "--size", "64"] if quick else \
+        ["--images", "256", "--per-shard", "64", "--image-side", "384", "--size", "256"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(ROOT / "bench" / "dataset.py"), *size, "--device", device, "--out", tmp]
+        try:
+            run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                 timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            res.add("dataset", {"status": "stopped at the step's budget"})
+            return
+        print(run.stdout[-3000:] + run.stderr[-3000:], flush=True)
+        found = list(Path(tmp).glob("dataset-*.json"))
+        if run.returncode or not found:
+            res.add("dataset", {"status": "error", "error": (run.stderr.strip().splitlines() or ["?"])[-1][:300]})
+            return
+        res.add("dataset", {"status": "measured", **json.loads(found[0].read_text())})
+
+
+STEPS = {"correctness": correctness, "kernels": kernels, "target": target, "dataset": dataset, "grid": grid}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for gpu-check.json")
+    p.add_argument("--out", type=Path, help="folder for gpu-check.json (required but with --print-tests)")
     p.add_argument("--budget", type=float, default=420.0, help="seconds for all steps (default 420)")
     p.add_argument("--quick", action="store_true", help="tiny cases (the CPU rehearsal)")
     p.add_argument("--print-tests", action="store_true", help="print the GPU test selection and exit")
@@ -230,6 +254,8 @@ def main() -> int:
     if args.print_tests:
         print(" ".join(GPU_TESTS))
         return 0
+    if args.out is None:
+        p.error("the following argument is required: --out")
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

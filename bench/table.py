@@ -1,11 +1,22 @@
-"""Regenerate the README's benchmark table from the committed ``vqfast bench`` results.
+"""Regenerate the benchmark tables in README.md and docs/benchmarks.md from the committed results.
 
-    python bench/table.py          # rewrites the block between the bench markers in README.md
+    python bench/table.py          # rewrites the blocks between the markers in both files
 
-Reads every bench/results/**/vqfast-bench-*.json and the GPU runs' gpu-check.json. Each row: the case, the machine it ran on,
-vqfast's median time (or compiled vqfast's, named) and the baseline's, the speed-up, the peak
-memory each added, and the date.
-Nothing in the table is typed by hand.
+docs/benchmarks.md holds the full tables:
+
+- ``<!-- bench:start -->`` ... ``<!-- bench:end -->``: every bench/results/**/vqfast-bench-*.json
+  (``vqfast bench``) and the GPU runs' gpu-check.json. Each row: the case, the machine it ran on,
+  vqfast's median time (or compiled vqfast's, named) and the baseline's, the speed-up, the peak
+  memory each added, and the date.
+- ``<!-- side-by-side:start -->`` ... ``<!-- side-by-side:end -->``: bench/side_by_side.py's runs
+  (bench/results/side-by-side-*.json), the latest per case, machine and number of busy processes.
+
+README.md holds the headline, ``<!-- headline:start -->`` ... ``<!-- headline:end -->``: one row per
+case measured side by side on the machine of the newest result (vqfast against diffusers and
+against torch.compile(diffusers), alone, and against diffusers beside one busy process), then one
+row per case measured on a GPU (gpu-check.json), when there is one.
+
+Nothing in the tables is typed by hand.
 """
 
 import json
@@ -15,14 +26,19 @@ from pathlib import Path
 from vqfast.cli.bench import Case, comparisons, row_cells
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+SIDE_START, SIDE_END = "<!-- side-by-side:start -->", "<!-- side-by-side:end -->"
+HEAD_START, HEAD_END = "<!-- headline:start -->", "<!-- headline:end -->"
 #: Row order: whole-model cases first (what users run), then the ops.
 KIND_ORDER = ["decode", "encode", "quantize", "spatial_norm", "group_norm"]
 
 
-def rows() -> list[str]:
+def rows(results: Path = RESULTS) -> list[str]:
     found = []
-    for file in sorted((ROOT / "bench" / "results").rglob("vqfast-bench-*.json")):
+    for file in sorted(results.rglob("vqfast-bench-*.json")):
         run = json.loads(file.read_text())
         for r in run["results"]:
             case = r["case"]
@@ -33,16 +49,16 @@ def rows() -> list[str]:
                        ours_name, name)
                 cells = [Case(**case).label, run["device_name"], *row_cells(ours_name, ours, name, b), run["date"][:10]]
                 found.append((key, "| " + " | ".join(cells) + " |"))
-    found += gpu_rows()
+    found += gpu_rows(results)
     return [line for _, line in sorted(found)]
 
 
-def gpu_rows() -> list[tuple[tuple, str]]:
-    """Rows of the GPU runs (bench/results/**/gpu-check.json, bench/gpu_check.py): the target and
-    grid steps' measured cases, vqfast against each baseline of the same case. The CPU
+def gpu_runs(results: Path = RESULTS) -> list[tuple[dict, dict[tuple, dict]]]:
+    """The GPU runs (bench/results/**/gpu-check.json, bench/gpu_check.py): per run its meta and
+    the target and grid steps' measured cases, {case without impl: {impl: record}}. The CPU
     rehearsals' files (no card) are not results."""
     found = []
-    for file in sorted((ROOT / "bench" / "results").rglob("gpu-check.json")):
+    for file in sorted(results.rglob("gpu-check.json")):
         run = json.loads(file.read_text())
         meta = run["meta"]
         if not meta.get("card"):
@@ -53,6 +69,14 @@ def gpu_rows() -> list[tuple[tuple, str]]:
                 if r.get("status") == "measured":
                     case = {k: v for k, v in r["case"].items() if k != "impl"}
                     by_case.setdefault(tuple(sorted(case.items())), {})[r["case"]["impl"]] = r
+        found.append((meta, by_case))
+    return found
+
+
+def gpu_rows(results: Path = RESULTS) -> list[tuple[tuple, str]]:
+    """Rows of the GPU runs: vqfast against each baseline of the same case."""
+    found = []
+    for meta, by_case in gpu_runs(results):
         for key, impls in by_case.items():
             case = dict(key)
             ours = impls.get("vqfast")
@@ -68,55 +92,130 @@ def gpu_rows() -> list[tuple[tuple, str]]:
     return found
 
 
-SIDE_START, SIDE_END = "<!-- side-by-side:start -->", "<!-- side-by-side:end -->"
+def side_by_side_runs(results: Path = RESULTS) -> list[dict]:
+    return [json.loads(file.read_text()) for file in sorted(results.glob("side-by-side-*.json"))]
 
 
-def side_by_side_rows() -> list[str]:
-    """bench/side_by_side.py's runs: the latest per (case, machine, busy processes), vqfast's
-    speed-ups as the median of per-round ratios with their quartiles."""
+def latest_side_by_side(results: Path = RESULTS) -> dict[tuple, dict]:
+    """The latest run per (case, kind, machine, busy processes)."""
     latest: dict[tuple, dict] = {}
-    for file in sorted((ROOT / "bench" / "results").glob("side-by-side-*.json")):
-        run = json.loads(file.read_text())
+    for run in side_by_side_runs(results):
         key = (run["case"], run["kind"], run["device_name"], run.get("busy_processes") or 0)
         if key not in latest or run["date"] > latest[key]["date"]:
             latest[key] = run
+    return latest
+
+
+def case_label(case: str, kind: str) -> str:
+    """'movq batch 1 256x256 float32', 'decode' -> 'movq decode batch 1 256x256 float32'."""
+    name, _, rest = case.partition(" ")
+    return f"{name} {kind} {rest}"
+
+
+def side_by_side_rows(results: Path = RESULTS) -> list[str]:
+    """bench/side_by_side.py's runs: the latest per (case, machine, busy processes), vqfast's
+    speed-ups as the median of per-round ratios with their quartiles."""
 
     def ratio(run, name):
+        if name not in run["ratios"]:
+            return ""
         r, (lo, hi) = run["ratios"][name], run["ratio_quartiles"][name]
         return f"{r:.2f}x ({lo:.2f}-{hi:.2f})"
 
     out = []
+    latest = latest_side_by_side(results)
     for (case, kind, machine, busy), run in sorted(latest.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1], kv[0][3])):
-        name, _, rest = case.partition(" ")
-        cells = [f"{name} {kind} {rest}", machine, str(busy), ratio(run, "vqfast vs diffusers"),
+        cells = [case_label(case, kind), machine, str(busy), ratio(run, "vqfast vs diffusers"),
                  ratio(run, "vqfast vs diffusers-compile"), ratio(run, "vqfast-compile vs diffusers-compile"),
+                 ratio(run, "vqfast-compile vs vqfast"),
                  str(len(run["times_s"]["vqfast"])), run["date"][:10] + (f" ({run['commit']})" if run.get("commit") else "")]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
 
-def replace_block(text: str, start: str, end: str, lines: list[str]) -> str:
+def headline_rows(results: Path = RESULTS) -> tuple[str, list[str]]:
+    """(machine column's name, rows) of the README's headline: on the machine of the newest
+    side-by-side result, per case the latest run alone (busy_processes 0) and beside one busy
+    process (1); then per case and card the latest GPU run. Blank cells where a run is missing."""
+    latest = latest_side_by_side(results)
+    rows_: list[str] = []
+    devices = set()
+    if latest:
+        newest = max(latest.values(), key=lambda run: run["date"])
+        machine = newest["device_name"]
+        cases: dict[tuple, dict[int, dict]] = {}
+        for (case, kind, device_name, busy), run in latest.items():
+            if device_name == machine and busy in (0, 1):
+                cases.setdefault((case, kind), {})[busy] = run
+                devices.add(run.get("device", "cpu"))
+
+        def ratio(run, name):
+            return f"{run['ratios'][name]:.2f}x" if run and name in run["ratios"] else ""
+
+        for (case, kind), by_busy in sorted(cases.items()):
+            alone, busy = by_busy.get(0), by_busy.get(1)
+            dates = sorted({run["date"][:10] for run in by_busy.values()})
+            cells = [case_label(case, kind), machine, ratio(alone, "vqfast vs diffusers"),
+                     ratio(alone, "vqfast vs diffusers-compile"), ratio(busy, "vqfast vs diffusers"), ", ".join(dates)]
+            rows_.append("| " + " | ".join(cells) + " |")
+    gpu: dict[tuple, tuple] = {}
+    for meta, by_case in gpu_runs(results):
+        for key, impls in by_case.items():
+            if "vqfast" not in impls:
+                continue
+            if (key, meta["card"]) not in gpu or meta["date"] > gpu[key, meta["card"]][0]["date"]:
+                gpu[key, meta["card"]] = (meta, impls)
+    for (key, card), (meta, impls) in sorted(gpu.items(), key=lambda kv: (kv[0][1], str(kv[0][0]))):
+        devices.add("cuda")
+        ours = impls["vqfast"]["ms"]
+
+        def vs(name):
+            r = impls.get(name)
+            return f"{r['ms'] / ours:.2f}x" if r and r.get("ms") else ""
+
+        cells = [Case(**dict(key), impl="vqfast").label, f"{card} (triton {meta['triton']})", vs("diffusers"),
+                 vs("diffusers-compile"), "", meta["date"][:10]]
+        rows_.append("| " + " | ".join(cells) + " |")
+    return ("CPU" if devices <= {"cpu"} else "machine"), rows_
+
+
+def replace_block(text: str, start: str, end: str, lines: list[str], where: str = "README.md") -> str:
     block = "\n".join([start, *lines, end])
     new, n = re.subn(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     if n != 1:
-        raise SystemExit(f"README.md needs exactly one {start} ... {end} block")
+        raise SystemExit(f"{where} needs exactly one {start} ... {end} block")
     return new
 
 
-def render(text: str) -> str:
-    """README.md's text with both generated tables brought up to date with bench/results."""
+def render_readme(text: str, results: Path = RESULTS) -> str:
+    """README.md's text with its headline table brought up to date with bench/results."""
+    machine, lines = headline_rows(results)
+    return replace_block(text, HEAD_START, HEAD_END, [
+        f"| case | {machine} | vs diffusers | vs torch.compile(diffusers) | vs diffusers beside one busy process | date |",
+        "|---|---|---|---|---|---|", *lines], "README.md")
+
+
+#: Until tests/test_tables.py (which calls ``render`` on README.md) is retired.
+render = render_readme
+
+
+def render_benchmarks(text: str, results: Path = RESULTS) -> str:
+    """docs/benchmarks.md's text with both full tables brought up to date with bench/results."""
     text = replace_block(text, START, END, [
         "| case | machine | vqfast | baseline | speed-up | peak memory (vqfast / baseline) | date |",
-        "|---|---|---|---|---|---|---|", *rows()])
+        "|---|---|---|---|---|---|---|", *rows(results)], "docs/benchmarks.md")
     return replace_block(text, SIDE_START, SIDE_END, [
         "| case | machine | busy processes | vqfast vs diffusers | vs compiled diffusers | "
-        "compiled vqfast vs compiled diffusers | rounds | date |",
-        "|---|---|---|---|---|---|---|---|", *side_by_side_rows()])
+        "compiled vqfast vs compiled diffusers | compiled vqfast vs vqfast | rounds | date |",
+        "|---|---|---|---|---|---|---|---|---|", *side_by_side_rows(results)], "docs/benchmarks.md")
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-    readme.write_text(render(readme.read_text()))
+    for path, render_ in ((README, render_readme), (BENCHMARKS, render_benchmarks)):
+        text = path.read_text()
+        new = render_(text)
+        if new != text:
+            path.write_text(new)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,10 @@ def clean(monkeypatch):
 def test_auto_takes_triton_for_cuda_and_eager_for_cpu():
     assert vqfast.get_backend() == "auto"
     ops = ("nearest_code", "quantize", "group_norm", "spatial_norm")
-    assert vqfast.backend_info("cpu") == dict.fromkeys(ops, "eager")
+    from vqfast.ops import search_cpu
+
+    search = "eager (compiled search for D <= 8)" if search_cpu.library() is not None else "eager"
+    assert vqfast.backend_info("cpu") == {**dict.fromkeys(ops, "eager"), "nearest_code": search, "quantize": search}
     assert vqfast.backend_info("cuda") == dict.fromkeys(ops, "triton")
 
 

@@ -40,7 +40,7 @@ import re
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -331,6 +331,17 @@ def load_image(path: Path, size: int | None, expected: str | None = None,
 def decode_image(data: bytes, size: int | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """An image file's bytes as (3, H, W) float32 in [-1, 1] (with ``size``, resized and centre
     cropped to size x size); SkipImage when they are no image PIL reads, or one over max_pixels."""
+    return to_unit_range(decode_pixels(data, size, max_pixels))
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1], as every image reaches the model."""
+    return pixels.float() / 127.5 - 1
+
+
+def decode_pixels(data: bytes, size: int | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """decode_image's pixels before scaling: (3, H, W) uint8 (a quarter of the bytes to send back
+    from a worker process)."""
     from PIL import Image, ImageOps
 
     if len(data) > max_file_bytes(max_pixels):
@@ -348,8 +359,7 @@ def decode_image(data: bytes, size: int | None, max_pixels: int = DEFAULT_MAX_PI
     except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, SyntaxError...
         raise SkipImage(_unreadable(e)) from e
     w, h = image.size
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3)
-    return pixels.permute(2, 0, 1).float() / 127.5 - 1
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
 
 
 def to_uint8(sample: torch.Tensor) -> torch.Tensor:
@@ -391,16 +401,19 @@ def read_stamp(path: Path) -> str | None:
 
 
 def stream_batches(
-    batches: list[list[Item]],
+    batches: Iterable[list[Item]],
     load: Callable[[Item], torch.Tensor],
     workers: int,
+    pool: Executor | None = None,
 ) -> Iterator[tuple[list[Item], torch.Tensor | None, list[tuple[Item, str]]]]:
-    """Read the images of ``batches`` in order on ``workers`` threads, at most two batches ahead,
-    and yield per batch (items read, their images stacked (B, 3, H, W) or None, [(item, reason)
-    skipped]). A batch holds exactly its items less those skipped: which images share a batch
-    never depends on timing. Memory: about four batches of float32 pixels, plus one undecoded
-    original per worker."""
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vqfast-read")
+    """Read the images of ``batches`` in order on ``workers`` threads (or on ``pool``, kept open:
+    a process pool, whose ``load`` must be picklable), at most two batches ahead, and yield per
+    batch (items read, their images stacked (B, 3, H, W) or None, [(item, reason) skipped]). A
+    batch holds exactly its items less those skipped: which images share a batch never depends on
+    timing. Memory: about four batches of pixels, plus one undecoded original per worker."""
+    own = pool is None
+    if own:
+        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vqfast-read")
     try:
         queued: deque[list[tuple[Item, Future]]] = deque()
         todo = iter(batches)
@@ -421,4 +434,9 @@ def stream_batches(
                     skipped.append((item, str(e)))
             yield [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, skipped
     finally:  # an interrupted run does not wait for the reads queued ahead
-        pool.shutdown(wait=True, cancel_futures=True)
+        if own:
+            pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            for batch in queued:
+                for _, future in batch:
+                    future.cancel()

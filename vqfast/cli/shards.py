@@ -35,6 +35,7 @@ scale by shard.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import io
@@ -169,7 +170,7 @@ def plans(shards: list[Path], out_dir: Path) -> list[Plan]:
     return [Plan(s, out_dir / s.name, out_dir / (s.name.removesuffix(".tar") + ".json")) for s in shards]
 
 
-def is_done(plan: Plan, settings: dict) -> bool:
+def is_done(plan: Plan, settings: dict, form: str = FORMAT) -> bool:
     """Whether the output of ``plan`` is whole and made from this input with these settings."""
     try:
         import json
@@ -177,7 +178,7 @@ def is_done(plan: Plan, settings: dict) -> bool:
         done = json.loads(plan.json.read_text())
     except (OSError, ValueError):
         return False
-    if done.get("format") != FORMAT or done.get("settings") != settings or not plan.tar.is_file():
+    if done.get("format") != form or done.get("settings") != settings or not plan.tar.is_file():
         return False
     if plan.tar.stat().st_size != done.get("output_bytes"):
         return False
@@ -219,38 +220,52 @@ def token_bytes(ids: torch.Tensor, num_codes: int) -> bytes:
 
 
 @dataclass(frozen=True)
-class Sample:
-    key: str
-    image: bytes | None  # None: the sample has no image
-    entries: list[tuple[str, bytes]]  # passed through, in order
-    name: str = ""  # for stream_batches' reports (the key)
+class Job:
+    """What a decoding worker gets: one sample's image bytes (None: it has none) and how to read
+    them. The sample's other entries stay in this process."""
+
+    index: int
+    image: bytes | None
+    size: int
+    max_pixels: int
+    exts: tuple[str, ...]
 
 
-def encode_shard(plan: Plan, settings: dict, encode, batch: int, size: int, max_pixels: int, workers: int,
+def decode_job(job: Job) -> torch.Tensor:
+    """(3, size, size) uint8 pixels of a job's image (run in a worker process)."""
+    if job.image is None:
+        raise images.SkipImage(f"has no image (none of {', '.join('.' + e for e in job.exts)})")
+    return images.decode_pixels(job.image, job.size, job.max_pixels)
+
+
+def decoders(workers: int):
+    """A pool of ``workers`` processes decoding images (JPEG decoding and resizing hold the GIL
+    for part of their time: threads would slow the model's own Python). Spawned, not forked: a
+    fork of a process whose OpenMP pool has run can hang."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=torch.set_num_threads, initargs=(1,))
+
+
+def encode_shard(plan: Plan, settings: dict, encode, batch: int, size: int, max_pixels: int, pool,
                  exts: tuple[str, ...], num_codes: int) -> dict:
     """Write plan.tar and plan.json from plan.source; return the JSON written. ``encode(x)``: the
-    ids (B, h, w) of a batch of images."""
+    ids (B, h, w) of a batch of images; ``pool``: the image decoders (decoders())."""
     started = time.monotonic()
     facts = {**file_facts(plan.source), "sha256": sha256(plan.source)}
     skipped: dict[str, str] = {}
+    kept: dict[int, tuple[str, list[tuple[str, bytes]]]] = {}  # job index -> (key, entries to pass through)
     count = 0
 
-    def gathered() -> Iterator[Sample]:
-        for key, entries in samples(plan.source):
+    def chunks() -> Iterator[list[Job]]:
+        chunk: list[Job] = []
+        for i, (key, entries) in enumerate(samples(plan.source)):
             by_ext = {n[len(key) + 1:].lower(): (n, d) for n, d in entries}
             image = next((by_ext[e] for e in exts if e in by_ext), None)
-            rest = [(n, d) for n, d in entries if image is None or n != image[0]]
-            yield Sample(key, image[1] if image else None, rest, key)
-
-    def load(sample: Sample) -> torch.Tensor:
-        if sample.image is None:
-            raise images.SkipImage(f"has no image (none of {', '.join('.' + e for e in exts)})")
-        return images.decode_image(sample.image, size, max_pixels)
-
-    def chunks() -> Iterator[list[Sample]]:
-        chunk: list[Sample] = []
-        for s in gathered():
-            chunk.append(s)
+            kept[i] = (key, [(n, d) for n, d in entries if image is None or n != image[0]])
+            chunk.append(Job(i, image[1] if image else None, size, max_pixels, exts))
             if len(chunk) == batch:
                 yield chunk
                 chunk = []
@@ -260,13 +275,14 @@ def encode_shard(plan: Plan, settings: dict, encode, batch: int, size: int, max_
     def write(tmp: str) -> None:
         nonlocal count
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as out:
-            for chunk, x, bad in images.stream_batches(chunks(), load, workers):
-                ids = encode(x) if x is not None else None
-                for s, reason in bad:
-                    skipped[s.key] = reason
-                for s, row in zip(chunk, ids if ids is not None else []):
-                    out.addfile(*_member(f"{s.key}.tokens.npy", token_bytes(row, num_codes)))
-                    for name, data in s.entries:
+            for chunk, x, bad in images.stream_batches(chunks(), decode_job, 0, pool):
+                ids = encode(images.to_unit_range(x)) if x is not None else []
+                for job, reason in bad:
+                    skipped[kept.pop(job.index)[0]] = reason
+                for job, row in zip(chunk, ids):
+                    key, entries = kept.pop(job.index)
+                    out.addfile(*_member(f"{key}.tokens.npy", token_bytes(row, num_codes)))
+                    for name, data in entries:
                         out.addfile(*_member(name, data))
                     count += 1
 
@@ -318,17 +334,20 @@ def run(args, ranks: sharding.Ranks, model, encode, choose_batch, say, report) -
         say(f"{len(everything)} shards; {len(everything) - len(todo) if workers == 1 else len(mine) - len(todo)} "
             f"already done; batches of {batch}")
     failed = []
-    for plan in todo:
-        try:
-            done = encode_shard(plan, settings, encode, batch, args.size, args.max_pixels, args.workers, exts,
-                                model.quantize.n_e)
-        except ShardUnreadable as e:
-            report("encode", f"shard {str(plan.source)!r} {e}; it has no output")
-            failed.append(plan.source.name)
-            continue
-        for key, reason in list(done["skipped"].items())[:20]:
-            report("encode", f"skipped {plan.source.name}:{key!r}: {reason}")
-        say(f"{plan.source.name}: {done['encoded']} of {done['samples']} samples -> {plan.tar}")
+    if todo and ranks.is_main:
+        say(f"decoding images in {args.workers} worker processes (--workers)")
+    with decoders(args.workers) if todo else contextlib.nullcontext() as pool:
+        for plan in todo:
+            try:
+                done = encode_shard(plan, settings, encode, batch, args.size, args.max_pixels, pool, exts,
+                                    model.quantize.n_e)
+            except ShardUnreadable as e:
+                report("encode", f"shard {str(plan.source)!r} {e}; it has no output")
+                failed.append(plan.source.name)
+                continue
+            for key, reason in list(done["skipped"].items())[:20]:
+                report("encode", f"skipped {plan.source.name}:{key!r}: {reason}")
+            say(f"{plan.source.name}: {done['encoded']} of {done['samples']} samples -> {plan.tar}")
     failed = [name for part in sharding.gather(ranks, failed) for name in part]  # waits for every rank
     if ranks.is_main:
         write_index(everything, settings, out_dir, say)
@@ -361,4 +380,134 @@ def write_index(everything: list[Plan], settings: dict, out_dir: Path, say) -> N
         "format": "vqfast.token-index/1", "settings": settings, "shards": rows,
         "samples": sum(r["samples"] for r in rows), "encoded": sum(r["encoded"] for r in rows)})
     say(f"index of {len(rows)} shards -> {out_dir / 'index.json'}")
+
+
+# -------------------------------------------------------------------- decode: token shards -> image shards
+
+DECODE_FORMAT = "vqfast.image-shard/1"
+
+
+def png_bytes(pixels: torch.Tensor) -> bytes:
+    """(H, W, 3) uint8 -> PNG file bytes."""
+    from PIL import Image
+
+    h, w, _ = pixels.shape
+    out = io.BytesIO()
+    Image.frombytes("RGB", (w, h), images.tensor_bytes(pixels)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def read_ids(data: bytes, num_codes: int, where: str) -> torch.Tensor:
+    """A .tokens.npy entry as (h, w) int64, refused (UsageError) when it is no 2-D integer array
+    of ids in [0, num_codes)."""
+    try:
+        ids = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UsageError(f"{where} is not a .npy array ({e})") from e
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise UsageError(f"{where} holds a {ids.dtype} array of shape {ids.shape}; expected 2-D integer ids")
+    if ids.size and (ids.min() < 0 or ids.max() >= num_codes):
+        raise UsageError(f"{where} holds ids in [{ids.min()}, {ids.max()}], outside [0, {num_codes}) for this model")
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+def decode_shard(plan: Plan, settings: dict, decode, batch: int, num_codes: int) -> dict:
+    """plan.source (a token shard) -> plan.tar: per sample KEY.png and its other entries."""
+    started = time.monotonic()
+    facts = {**file_facts(plan.source), "sha256": sha256(plan.source)}
+    count = 0
+
+    def write(tmp: str) -> None:
+        nonlocal count
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as out:
+            chunk: list[tuple[str, torch.Tensor, list[tuple[str, bytes]]]] = []
+
+            def flush():
+                nonlocal count
+                if not chunk:
+                    return
+                pixels = images.to_uint8(decode(torch.stack([ids for _, ids, _ in chunk])))
+                for (key, _, rest), image in zip(chunk, pixels):
+                    out.addfile(*_member(f"{key}.png", png_bytes(image)))
+                    for name, data in rest:
+                        out.addfile(*_member(name, data))
+                    count += 1
+                chunk.clear()
+
+            for key, entries in samples(plan.source):
+                tokens = [d for n, d in entries if n == f"{key}.tokens.npy"]
+                if not tokens:
+                    raise UsageError(f"{plan.source}: sample {key!r} has no {key}.tokens.npy: not a vqfast token shard")
+                ids = read_ids(tokens[0], num_codes, f"{plan.source}: {key}.tokens.npy")
+                if chunk and ids.shape != chunk[0][1].shape:
+                    raise UsageError(f"{plan.source}: sample {key!r} has a {tuple(ids.shape)} token grid, "
+                                     f"the shard's first has {tuple(chunk[0][1].shape)}")
+                chunk.append((key, ids, [(n, d) for n, d in entries if n != f"{key}.tokens.npy"]))
+                if len(chunk) == batch:
+                    flush()
+            flush()
+
+    from ..models.atomic import write_atomically
+
+    write_atomically(plan.tar, write)
+    done = {"format": DECODE_FORMAT, "input": {"name": plan.source.name, **facts}, "settings": settings,
+            "samples": count, "output": plan.tar.name, "output_bytes": plan.tar.stat().st_size,
+            "seconds": round(time.monotonic() - started, 2),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    tokenfile.write_json(plan.json, done)
+    return done
+
+
+def run_decode(args, ranks: sharding.Ranks, model, decode, choose_batch, say, report) -> int:
+    """vqfast decode on token shards (tokens.run_decode hands over when its input is shards)."""
+    import json
+
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"-o {str(out_dir)!r} is a file; with token shards as input -o is the folder for the image shards")
+    sources = list_shards([args.tokens])
+    part = parse_part(getattr(args, "part", None))
+    me, workers = worker_of(part, ranks)
+    fingerprint = tokenfile.fingerprint(model)
+    grid = None
+    for s in sources:
+        if images.same_file(s.parent, out_dir):
+            raise UsageError(f"-o {str(out_dir)!r} holds the token shard {str(s)!r}: its output would replace it; "
+                             "write to another folder")
+        marks = s.with_name(s.name.removesuffix(".tar") + ".json")
+        try:
+            made = json.loads(marks.read_text()).get("settings", {})
+        except (OSError, ValueError):
+            made = {}
+        if made.get("model") not in (None, fingerprint) and not args.force:
+            raise UsageError(f"{s} was made by another model (weights fingerprint {made['model']}; this model's is "
+                             f"{fingerprint}): pass the model that encoded it, or --force to decode anyway")
+        if made.get("size") and grid is None:
+            grid = made["size"]
+    factor = 2 ** (len(model.config.block_out_channels) - 1)
+    side = grid or 256
+    batch = choose_batch(side, side)
+    settings = {"model": fingerprint, "dtype": str(model.dtype).removeprefix("torch."), "batch_size": batch}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    everything = plans(sources, out_dir)
+    mine = [p for i, p in enumerate(everything) if i % workers == me]
+    remove_stale([p.tar for p in mine] + [p.json for p in mine])
+    todo = [p for p in mine if not is_done(p, settings, DECODE_FORMAT)]
+    if ranks.is_main and part == (0, 1):
+        say(f"{len(everything)} token shards; {len(mine) - len(todo)} already done; batches of {batch} "
+            f"(x{factor} upsampling)")
+    failed = []
+    for plan in todo:
+        try:
+            done = decode_shard(plan, settings, decode, batch, model.quantize.n_e)
+        except ShardUnreadable as e:
+            report("decode", f"shard {str(plan.source)!r} {e}; it has no output")
+            failed.append(plan.source.name)
+            continue
+        say(f"{plan.source.name}: {done['samples']} images -> {plan.tar}")
+    failed = [name for part_ in sharding.gather(ranks, failed) for name in part_]
+    sharding.barrier(ranks)
+    if failed:
+        raise RunFailed(f"{len(failed)} token shards could not be read: {', '.join(failed[:5])}")
+    return 0
 

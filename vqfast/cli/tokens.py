@@ -581,6 +581,10 @@ def check_outputs_spare_source(source: Path, out_dir: Path, targets: list[PurePo
 
 def run_decode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
     check_workers(args.workers)
+    if shards.is_shard_input(args.tokens):
+        return run_decode_shards(args, ranks)
+    if args.part is not None:
+        raise UsageError("--part splits token shards between processes; the input is a token file (use torchrun)")
     source = Path(args.tokens)
     read = tokenfile.open_for_decode(source)
     tokens, names, meta = read.tokens, read.names, read.meta
@@ -605,6 +609,20 @@ def run_decode(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
         sharding.barrier(ranks)
         return decode_locked(args, ranks, model, tokens, names, meta, targets, out_dir, source, read.digest,
                              fingerprint)
+
+
+def run_decode_shards(args: argparse.Namespace, ranks: sharding.Ranks) -> int:
+    """Token shards in, one image shard per token shard out (shards.py)."""
+    model = load_model(args, ranks.device)
+    factor = downsampling(model)
+
+    def batch_for(height: int, width: int) -> int:
+        grid = (height // factor, width // factor)
+        probe = lambda: decode_ids(model, torch.zeros(1, *grid, dtype=torch.long, device=ranks.device))  # noqa: E731
+        return choose_batch(args, ranks, model, height, width, "decode", probe, set(), f"-o {args.output}")
+
+    return shards.run_decode(args, ranks, model, lambda ids: decode_ids(model, ids.to(ranks.device)), batch_for,
+                             say, report)
 
 
 def source_hashes(meta: dict[str, str]) -> set[str]:
@@ -734,8 +752,12 @@ def register(sub, name: str) -> None:
     else:
         p = sub.add_parser(name, help="turn a token file back into images",
                            description="\n\n".join(doc[3:5]), formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("tokens", metavar="TOKENS", help="a token file written by vqfast encode")
-        p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the PNG files")
+        p.add_argument("tokens", metavar="TOKENS", help="a token file written by vqfast encode, or its token "
+                       "shards (a folder of them, a .tar, a brace pattern)")
+        p.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
+                       help="folder for the PNG files (with token shards: for the image shards)")
+        p.add_argument("--part", default=None, metavar="I/N",
+                       help="token shards: take every N-th shard from the I-th, combined with torchrun's ranks")
         p.add_argument("--force", action="store_true",
                        help="decode a token file made by another model (its weights' fingerprint differs)")
         p.add_argument("--overwrite", action="store_true",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .group_norm import norm
+from . import group_norm
 
 
 def spatial_norm(
@@ -20,4 +20,4 @@ def spatial_norm(
     eps: float,
     silu: bool,
 ) -> torch.Tensor:
-    return norm(y, f, num_groups, weight, bias, eps, silu, spatial=(scale, shift))
+    return group_norm.norm(y, f, num_groups, weight, bias, eps, silu, spatial=(scale, shift))

@@ -447,7 +447,7 @@ def _refuse_unsupported(**given: tuple[Any, Any]) -> None:
         allowed = default if isinstance(default, tuple) else (default,)
         if not any(value is a or (a is not None and not isinstance(value, torch.Tensor) and value == a) for a in allowed):
             raise ValueError(
-                f"{name}={value!r} is not supported by vqfast (see the README's list of differences "
+                f"{name}={value!r} is not supported by vqfast (see docs/drop-in.md, the differences "
                 f"from diffusers); leave it at {' or '.join(repr(a) for a in allowed)}"
             )
 

@@ -88,9 +88,18 @@ use_triton._dynamo_marked_constant = True
 
 
 def backend_info(device: str | torch.device = "cpu") -> dict[str, str]:
-    """For each fused op, "triton" or "eager": the path it takes for tensors on ``device`` now.
+    """For each fused op, "triton" or "eager": the path it takes for tensors on ``device`` now
+    (on CPU the search's eager path names its compiled kernel for small D when it is built).
 
     Raises, as the op itself would, when a forced backend cannot run there.
     """
-    path = "triton" if use_triton(torch.device(device)) else "eager"
-    return {op: path for op in FUSED_OPS}
+    device = torch.device(device)
+    path = "triton" if use_triton(device) else "eager"
+    info = {op: path for op in FUSED_OPS}
+    if path == "eager" and device.type == "cpu":
+        from . import search_cpu
+
+        if search_cpu.library() is not None:  # builds it on first use (seconds), as a search would
+            for op in ("nearest_code", "quantize"):
+                info[op] = f"eager (compiled search for D <= {search_cpu.MAX_D})"
+    return info

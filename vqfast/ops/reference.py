@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import search_cpu
+
 #: Most bytes of distances the eager codebook search holds at once.
 SCRATCH_BYTES = 64 * 2**20
 
@@ -58,6 +60,8 @@ def nearest_code(
     rows = zm.reshape(-1, D)
     acc = accumulator(z, codebook)
     mu, centred, norms = centred if centred is not None else centred_codebook(codebook, acc)
+    if search_cpu.applies(rows.device, acc, D):  # small D: the running minimum in registers
+        return search_cpu.nearest(rows.to(acc) - mu, centred, norms).view(zm.shape[:-1])
     n, k = rows.shape[0], codebook.shape[0]
     chunk = max(1, min(n, tile_bytes(D, scratch_bytes) // (k * norms.element_size())))
     scores = torch.empty(chunk, k, dtype=acc, device=z.device)

@@ -27,8 +27,9 @@ from torch import Tensor
 
 ENV_VAR = "VQFAST_SELFCHECK"
 CANARY_ROWS = 64
-#: The absolute term of the three-way rule, per dtype (times max(1, max |f64|)).
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+#: The absolute term of the three-way rule, per dtype (times max(1, max |f64|)). The norm kernels
+#: compute in fp32 whatever the input, so a float64 input is held to fp32's term.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-5}
 REPORT = ("Please report it with this message and the output of `python -c \"import torch, triton; "
           "print(torch.__version__, triton.__version__, torch.cuda.get_device_name())\"` to vqfast's "
           "issue tracker; VQFAST_SELFCHECK=0 turns this check off.")

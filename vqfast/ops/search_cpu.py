@@ -1,0 +1,127 @@
+"""The CPU codebook search for D <= 8 in compiled code (search_cpu.cpp), built at first use.
+
+The kernel is compiled once per machine with the system C++ compiler (``$CXX`` or ``c++``,
+``-O3 -march=native``) into ~/.cache/vqfast (``$VQFAST_CACHE``), under a name that hashes the
+source, the compiler's version and the CPU's flags: a cache shared by machines of two CPU kinds
+holds one build per kind. Built in a temporary file and renamed, so concurrent first uses are
+safe. Where no compiler is found or the build fails, the search keeps its GEMM path, and one
+warning says so. ``VQFAST_CPU_SEARCH=0`` keeps the GEMM path without trying.
+
+Rows are split into one range per intra-op thread (torch.get_num_threads()) and each range is
+searched by a ctypes call, which releases the GIL: per-row results, so the split changes nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+MAX_D = 8
+ENV_VAR = "VQFAST_CPU_SEARCH"
+SOURCE = Path(__file__).with_name("search_cpu.cpp")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c++17"]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("VQFAST_CACHE") or Path.home() / ".cache" / "vqfast")
+
+
+def build() -> Path:
+    """The shared library, built now unless the cache has it; raises on failure."""
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()]))
+    target = _cache_dir() / f"search_cpu-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".search_cpu-", suffix=".so.tmp")
+    os.close(fd)
+    try:
+        run = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if run.returncode:
+            raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (warned once) where it cannot be built."""
+    if os.environ.get(ENV_VAR, "1").strip() == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except Exception as e:  # no compiler, a failed build, a library that does not load
+        warnings.warn(f"vqfast: the compiled CPU codebook search is unavailable ({str(e).splitlines()[0][:300]}); "
+                      f"searches with D <= {MAX_D} on CPU run on the slower GEMM path. {ENV_VAR}=0 silences this.",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    fn = lib.vqfast_nearest_small_d
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    return lib
+
+
+def applies(device: torch.device, acc: torch.dtype, D: int) -> bool:
+    """Whether a search on ``device`` ranking in ``acc`` with this D runs here (and the kernel is there)."""
+    return device.type == "cpu" and acc == torch.float32 and 1 <= D <= MAX_D and library() is not None
+
+
+#: Rows per thread below which one call does all (a thread hand-off costs more than it saves).
+MIN_ROWS_PER_THREAD = 256
+
+
+def nearest(rows: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Indices (N,) int64 of the lowest norms[k] - 2 rows . codes[k]: rows (N, D) and codes
+    (K, D) float32 centred, norms (K,) float32."""
+    rows, codes, norms = rows.contiguous(), codes.contiguous(), norms.contiguous()
+    n, D = rows.shape
+    out = torch.empty(n, dtype=torch.long)
+    fn = library().vqfast_nearest_small_d
+    args = (rows.data_ptr(), D, codes.data_ptr(), norms.data_ptr(), codes.shape[0], out.data_ptr())
+
+    def run(start: int, stop: int) -> None:
+        status = fn(args[0], start, stop, *args[1:])
+        if status:
+            raise RuntimeError(f"the CPU codebook search refused its arguments (status {status})")
+
+    threads = max(1, min(torch.get_num_threads(), n // MIN_ROWS_PER_THREAD))
+    if threads == 1:
+        run(0, n)
+        return out
+    bounds = [n * i // threads for i in range(threads + 1)]
+    with ThreadPoolExecutor(threads - 1) as pool:
+        others = [pool.submit(run, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+        run(bounds[0], bounds[1])
+        for f in others:
+            f.result()
+    return out
