@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import io
 import re
 import tarfile
@@ -151,14 +150,6 @@ def file_facts(path: Path) -> dict:
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class Plan:
     source: Path
@@ -186,7 +177,7 @@ def is_done(plan: Plan, settings: dict, form: str = FORMAT) -> bool:
     source = done.get("input", {})
     if facts == {k: source.get(k) for k in facts}:
         return True
-    return facts["bytes"] == source.get("bytes") and sha256(plan.source) == source.get("sha256")
+    return facts["bytes"] == source.get("bytes") and images.file_digest(plan.source) == source.get("sha256")
 
 
 def worker_of(part: tuple[int, int], ranks: sharding.Ranks) -> tuple[int, int]:
@@ -254,7 +245,7 @@ def encode_shard(plan: Plan, settings: dict, encode, batch: int, size: int, max_
     """Write plan.tar and plan.json from plan.source; return the JSON written. ``encode(x)``: the
     ids (B, h, w) of a batch of images; ``pool``: the image decoders (decoders())."""
     started = time.monotonic()
-    facts = {**file_facts(plan.source), "sha256": sha256(plan.source)}
+    facts = {**file_facts(plan.source), "sha256": images.file_digest(plan.source)}
     skipped: dict[str, str] = {}
     kept: dict[int, tuple[str, list[tuple[str, bytes]]]] = {}  # job index -> (key, entries to pass through)
     count = 0
@@ -414,7 +405,7 @@ def read_ids(data: bytes, num_codes: int, where: str) -> torch.Tensor:
 def decode_shard(plan: Plan, settings: dict, decode, batch: int, num_codes: int) -> dict:
     """plan.source (a token shard) -> plan.tar: per sample KEY.png and its other entries."""
     started = time.monotonic()
-    facts = {**file_facts(plan.source), "sha256": sha256(plan.source)}
+    facts = {**file_facts(plan.source), "sha256": images.file_digest(plan.source)}
     count = 0
 
     def write(tmp: str) -> None:
