@@ -69,17 +69,23 @@ def test_views_the_vector_paths_cannot_read_take_the_strided_path(triton_backend
     three_way(out, gn_ref(x.double(), G, w.double(), b.double(), True), gn_ref(x, G, w, b, True))
 
 
-@pytest.fixture(params=[False, True], ids=["rows_first", "cols_first"])
-def tile_order(request, monkeypatch):
-    """Both axis orders of the NCHW SpatialNorm tile, whichever triton is installed (the launcher
-    picks one by version: GATHER_COLS_FIRST)."""
-    monkeypatch.setattr(kernel, "GATHER_COLS_FIRST", request.param)
-    return request.param
+#: The layouts of the SpatialNorm apply, NCHW in both axis orders of its tile whichever triton is
+#: installed (the launcher picks one by version: GATHER_COLS_FIRST); channels_last has one.
+LAYOUTS = [("nchw", False), ("nchw", True), ("channels_last", None)]
+LAYOUT_IDS = ["nchw-rows_first", "nchw-cols_first", "channels_last"]
+
+
+@pytest.fixture
+def layout(request, monkeypatch):
+    name, cols_first = request.param
+    if cols_first is not None:
+        monkeypatch.setattr(kernel, "GATHER_COLS_FIRST", cols_first)
+    return name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_spatial_norm_with_specialised_stats(triton_backend, tile_order, layout, dtype):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS, indirect=True)
+def test_spatial_norm_with_specialised_stats(triton_backend, layout, dtype):
     """SpatialNorm's statistics and apply take the layout's vector kernels (several rows per
     trip, a partial last trip, rows narrower than the tile)."""
     from test_norms import sn_ref
@@ -100,8 +106,8 @@ NEAREST_CASES = [(1, 8, 3, 8), (3, 8, 5, 12), (5, 12, 7, 16), (7, 33, 13, 36), (
                  (9, 64, 4, 8), (17, 40, 8, 32), (9, 64, 5, 64)]
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_spatial_apply_picks_pytorchs_nearest_source(triton_backend, tile_order, layout):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS, indirect=True)
+def test_spatial_apply_picks_pytorchs_nearest_source(triton_backend, layout):
     """The vector kernels compute each position's source row and column (no index table): with
     scale 0 the output is exactly the shift map gathered there, which must be F.interpolate's.
     The NCHW cases end with a partial trip and without one (EVEN_H)."""
