@@ -44,7 +44,7 @@ def use_backend():
 # model has one resnet per encoder block (two per decoder block: the Workspace hand-over
 # still runs) and a 1024-entry codebook (the two Triton cases took 48 s and 42 s here, against 83 s
 # and 66 s with the full test config).
-INTERPRETED = dict(layers_per_block=1, num_vq_embeddings=1024)
+INTERPRETED = dict(layers_per_block=1, num_vq_embeddings=1024, block_out_channels=(32, 32, 32, 32))
 
 @pytest.mark.parametrize("backend, name", [("eager", "movq"), ("eager", "amused"), ("triton", "movq")])
 def test_channels_last_model_stays_channels_last(use_backend, device, backend, name):
