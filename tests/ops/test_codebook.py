@@ -256,3 +256,57 @@ def test_nan_in_the_codebook_gives_every_row_index_zero(backend, device):
         codebook[70, 1] = float("nan")
         z = torch.randn(9, D, generator=g)
         assert vf.nearest_code(z.to(device), codebook.to(device)).tolist() == [0] * 9
+
+
+def test_split_pieces_keep_22_bits_and_fp16_range():
+    """The tensor-core path's operands: x 2^s = hi + lo to 2^-22 of the largest entry, the largest
+    scaled entry in [2^13, 2^14) (inside fp16), powers of two only, non-finite entries in hi with
+    a lo of 0, no host sync needed (the scale is a tensor)."""
+    pytest.importorskip("triton", reason="the kernels' launcher needs triton")
+    from vqfast.kernels.codebook import split_pieces
+
+    g = torch.Generator().manual_seed(5)
+    for x in (torch.randn(300, 64, generator=g) * 1e-3, torch.randn(300, 64, generator=g) * 3e4,
+              300 + 0.1 * torch.randn(300, 64, generator=g), torch.zeros(3, 64)):
+        pieces, scale = split_pieces(x)
+        assert pieces.dtype == torch.float16 and pieces.shape == (2, *x.shape) and scale.ndim == 0
+        assert torch.frexp(scale).mantissa.item() == 0.5  # a power of two
+        top = (x.abs().max() * scale).item()
+        assert top == 0 or 2**13 <= top < 2**14
+        back = pieces[0].double() + pieces[1].double()
+        err = (back - x.double() * scale.double()).abs().max().item()
+        assert err <= 2**-22 * max(top, 1e-30) + 2**-25, err
+    x = torch.tensor([[1.0, float("nan"), float("inf"), -2.0]])
+    pieces, scale = split_pieces(x)
+    assert scale.item() == 2.0**12  # from the finite entries: |x| <= 2 -> [2^13, 2^14)
+    assert pieces[0, 0, 1].isnan() and pieces[0, 0, 2] == float("inf") and (pieces[1, 0, 1:3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_tensor_core_path_takes_8_lt_d_le_64_in_16_and_32_bit(dtype):
+    pytest.importorskip("triton", reason="the kernels' launcher needs triton")
+    from vqfast.kernels import codebook as kernel
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    paths = {D: kernel.launch_config(D, 8192, acc)["PATH"] for D in (4, 8, 9, 17, 64, 65, 256)}
+    if dtype == torch.float64:
+        assert paths == {4: 0, 8: 0, 9: 2, 17: 2, 64: 2, 65: 2, 256: 2}
+    else:
+        assert paths[4] == paths[8] == 0 and paths[9] == paths[17] == paths[64] == 3
+        assert paths[65] == paths[256] != 3  # fp32 tl.dot on FMAs (PATH 2 under the interpreter)
+
+
+def test_tensor_core_path_ties_and_winning_tile_edges(backend, device):
+    """The walk keeps each row's minimum and its tile; the rescan finds the code inside it:
+    winners at a tile's first and last code, in the partial last tile, and an exact duplicate
+    inside one tile and across tiles all come out as the float64 argmin, lowest index first."""
+    g = torch.Generator().manual_seed(6)
+    K, D = 300, 64
+    codebook = torch.randn(K, D, generator=g)
+    codebook[130] = codebook[129]  # a duplicate in 129's 128-code tile (128 .. 255)
+    codebook[260] = codebook[129]  # and one in the partial last tile
+    targets = [0, 127, 128, 129, 255, 256, 299]
+    z = codebook[targets] + 1e-3 * torch.randn(len(targets), D, generator=g)
+    idx = vf.nearest_code(z.to(device), codebook.to(device)).cpu()
+    check_indices(idx, z, codebook)
+    assert idx.tolist() == targets

@@ -28,8 +28,8 @@ def test_every_launch_configuration_is_covered(compiled):
     books = [r for r in compiled if r["kernel"] == "nearest_code"]
     assert len(books) == 2 * len(codebook.aot_cases())
     reached = {(r["PATH"], r["BLOCK_N"], r["BLOCK_K"], r["BLOCK_D"], r["dtype"] == "float64") for r in books}
-    assert {path for path, *_ in reached} == {0, 1, 2}
-    assert {block_k for _, _, block_k, _, _ in reached} == {16, 32, 64}
+    assert {path for path, *_ in reached} == {0, 1, 2, 3}
+    assert {block_k for _, _, block_k, _, _ in reached} == {16, 32, 64, 128}
     assert any(fp64 for *_, fp64 in reached)
     norms = [r for r in compiled if r["kernel"] in ("group_stats", "group_apply")]
     assert len(norms) == 2 * 2 * len(group_norm.aot_cases())
@@ -114,6 +114,9 @@ def budget_misses(compiled) -> list[str]:
                 widths = r["global_load_bits"] + r["global_store_bits"]
                 if not widths or min(widths) < limit:
                     misses.append(f"{r}: global widths {widths} below {limit} bits")
+            elif key == "min_loop_mma":
+                if r["loop_mma"] < limit:
+                    misses.append(f"{r}: {r['loop_mma']} MMA instructions in the hot loop, below {limit}")
             elif r[key] > limit:
                 misses.append(f"{r}: {key} = {r[key]} over its budget {limit}")
     assert budgeted == set(limits), f"no budgeted row for {set(limits) - budgeted}"

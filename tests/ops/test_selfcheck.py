@@ -54,8 +54,8 @@ def test_a_broken_norm_kernel_warns_once_and_the_op_runs_eagerly(monkeypatch, de
 def test_a_broken_search_kernel_is_caught_by_its_indices(monkeypatch, device):
     real = search_kernel.nearest_code
 
-    def nearest_code(z, codebook, dim, write_zq, centred):
-        indices, z_q, sse = real(z, codebook, dim, write_zq, centred)
+    def nearest_code(z, codebook, dim, write_zq, centred, book_pieces=None):
+        indices, z_q, sse = real(z, codebook, dim, write_zq, centred, book_pieces)
         return (indices + 1) % codebook.shape[0], z_q, sse  # every index one off
 
     monkeypatch.setattr(search_kernel, "nearest_code", nearest_code)

@@ -125,6 +125,12 @@ def access_bits(op: str) -> int | None:
     return found[-1] if found else 32
 
 
+def is_mma(op: str) -> bool:
+    """A tensor-core instruction: HMMA (sm_80 and sm_90's warp-level MMA) or HGMMA (sm_90's
+    warpgroup MMA)."""
+    return op.split(".")[0] in ("HMMA", "HGMMA")
+
+
 def hot_loop(instrs: list[tuple[int, str, str]], inner_trips: int | None) -> dict:
     """Counts over the hot loop: the outermost loop that costs the most once its inner loops are
     multiplied by ``inner_trips``. Returns instructions (weighted), shuffles, barriers, load and
@@ -136,21 +142,26 @@ def hot_loop(instrs: list[tuple[int, str, str]], inner_trips: int | None) -> dic
     def inside(a, b):  # region a strictly inside region b
         return b[0] <= a[0] and a[1] <= b[1] and a != b
 
-    def weight(region, trips):
+    def weight(region, trips, counted=lambda op: True):
         inner = [r for r in regions if inside(r, region)]
         direct = [r for r in inner if not any(inside(r, o) for o in inner)]
         if direct and trips is None:
             raise ValueError(f"the hot loop holds {len(direct)} inner loop(s) but no inner trip count was given")
-        own = region[1] - region[0] + 1 - sum(r[1] - r[0] + 1 for r in direct)
-        return own + sum(trips * weight(r, trips) for r in direct)
+        own = sum(counted(instrs[i][1]) for i in range(region[0], region[1] + 1)
+                  if not any(r[0] <= i <= r[1] for r in direct))
+        return own + sum(trips * weight(r, trips, counted) for r in direct)
 
     outer = [r for r in regions if not any(inside(r, o) for o in regions)]
+    if inner_trips is None:  # no nest is hot: loop nests run once after the walk (codebook's rescan)
+        flat = [r for r in outer if not any(inside(i, r) for i in regions)]
+        outer = flat or outer  # none flat: weight() says the trip count is missing
     best = max(outer, key=lambda r: weight(r, inner_trips))
     body = instrs[best[0]:best[1] + 1]
     loads = sorted({b for _, op, _ in body if op.split(".")[0] in ("LDG", "LDGSTS") and (b := access_bits(op))})
     stores = sorted({b for _, op, _ in body if op.split(".")[0] == "STG" and (b := access_bits(op))})
     return dict(
         instructions=weight(best, inner_trips),
+        mma=weight(best, inner_trips, is_mma),
         shuffles=sum(op.startswith("SHFL") for _, op, _ in body),
         barriers=sum(op.startswith("BAR") for _, op, _ in body),
         load_bits=loads, store_bits=stores,
@@ -178,6 +189,9 @@ def analyse(cubin: bytes, num_warps: int, items_per_iteration: int, inner_trips:
         "spill_loads": sum(op.startswith("LDL") for _, op, _ in instrs),
         # every thread runs the loop's instructions once per trip; a trip covers items_per_iteration
         "loop_instructions_per_item": round(loop["instructions"] * threads / items_per_iteration, 2),
+        # tensor-core instructions in the hot loop, and everything else in it per item
+        "loop_mma": loop["mma"],
+        "loop_other_instructions_per_item": round((loop["instructions"] - loop["mma"]) * threads / items_per_iteration, 2),
         "loop_shuffles": loop["shuffles"], "loop_barriers": loop["barriers"],
         "global_load_bits": loop["load_bits"], "global_store_bits": loop["store_bits"],
     }

@@ -88,13 +88,21 @@ def centred(z: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return derived(reference.centred_codebook, codebook, reference.accumulator(z, codebook))
 
 
+def _search(z: Tensor, codebook: Tensor, dim: int, write_zq: bool, c: tuple):
+    """The Triton search, with the centred codebook's fp16 pieces (its tensor-core path) built
+    once per codebook state, like the centred codebook itself, and only where that path runs."""
+    kernels = _kernels()
+    return _launch(z, kernels.nearest_code, z, codebook, dim, write_zq=write_zq, centred=c,
+                   book_pieces=lambda: derived(kernels.split_pieces, c[1]))
+
+
 @torch.library.custom_op("vqfast::nearest_code", mutates_args=())
 def nearest_code(z: Tensor, codebook: Tensor, dim: int, use_triton: bool) -> Tensor:
     c = centred(z, codebook)
     if use_triton:
         return selfcheck.run(
             "nearest_code", _search_case(z, codebook),
-            lambda: _launch(z, _kernels().nearest_code, z, codebook, dim, write_zq=False, centred=c)[0],
+            lambda: _search(z, codebook, dim, False, c)[0],
             lambda: reference.nearest_code(z, codebook, dim, centred=c),
             lambda indices: selfcheck.search_problem(z, codebook, dim, indices, None))
     return reference.nearest_code(z, codebook, dim, centred=c)
@@ -114,7 +122,7 @@ def quantize_impl(
     if use_triton:
         indices, z_q, sse = selfcheck.run(
             "quantize", _search_case(z, codebook),
-            lambda: _launch(z, _kernels().nearest_code, z, codebook, dim, write_zq=True, centred=c),
+            lambda: _search(z, codebook, dim, True, c),
             lambda: reference.quantize(z, codebook, dim, centred=c),
             lambda out: selfcheck.search_problem(z, codebook, dim, out[0], out[1]))
     else:
