@@ -42,7 +42,7 @@ test-avx2: install-test
 # CI runs it after `make test`.
 TRITON_OLDEST ?= 3.6.0
 KERNEL_TESTS = tests/ops/test_codebook.py tests/ops/test_norms.py tests/ops/test_kernel_norm_paths.py \
-	tests/ops/test_dispatch.py tests/ops/test_kernel_compile.py
+	tests/ops/test_dispatch.py tests/ops/test_selfcheck.py tests/ops/test_kernel_compile.py
 test-triton-oldest: install-test
 	$(PYTHON) -m venv --system-site-packages build/triton-oldest
 	build/triton-oldest/bin/python -m pip install -q "triton==$(TRITON_OLDEST)"

@@ -32,7 +32,8 @@ import triton
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ["kernel", "dtype", "layout", "path", "D", "K", "N", "write_zq", "B", "C", "G", "HW", "spatial", "arch",
            "num_warps", "USE_DOT", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK_P", "BLOCK_C", "BLOCK", "VEC", "PATH",
-           "registers", "shared", "spill_stores", "spill_loads", "loop_instructions_per_item", "loop_shuffles",
+           "registers", "shared", "spill_stores", "spill_loads", "loop_instructions_per_item", "loop_mma",
+           "loop_other_instructions_per_item", "loop_shuffles",
            "loop_barriers", "global_load_bits", "global_store_bits", "estimate_us_h200", "note"]
 
 

@@ -40,7 +40,8 @@ _POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf
 #: warp-instruction per scheduler per cycle; 4.3 TB/s, the copy bandwidth measured on that card).
 H200 = dict(sms=132, schedulers=4, clock_hz=1.98e9, bytes_per_s=4.3e12)
 ESTIMATE_MODEL = ("estimate_us_h200 = max(bytes / 4.3e12 B/s, warp-instructions / (132 x 4 x 1.98e9 /s)) x 1e6, "
-                  "warp-instructions = loop_instructions_per_item x items / 32 (the hot loop only): "
+                  "warp-instructions = loop_instructions_per_item x items / 32 (the hot loop only; an MMA "
+                  "counts as one issue, its tensor-core time is not modelled): "
                   "a static estimate from the compiled code, not a measurement")
 
 
