@@ -1,11 +1,12 @@
 """kill -9 (and Ctrl-C) at random moments, then resume: the outputs are byte for byte those of an
-uninterrupted run, for encode and decode, in one process and in two (torchrun, gloo).
+uninterrupted run, for encode and decode, in one process and in two (torchrun, gloo), and for
+webdataset shards in and out (shards).
 
 The moments come from a seeded generator: some a random time after the launch (the process may
 die while importing torch, scanning, or computing), the others once a random number of batches
 (encode) or PNGs (decode) is on disk, plus a few random milliseconds (it dies mid-batch, while
-writing, or while merging). The outcome checked does not depend on where it lands. Bounded: seven
-interrupted runs of 12 small images.
+writing, or while merging). The outcome checked does not depend on where it lands. Bounded: nine
+interrupted runs of 12 small images (as files, or as five webdataset shards).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ PLANS = {
     ("encode", 2): [("work", signal.SIGKILL)],
     ("decode", 1): [("work", signal.SIGKILL), ("work", signal.SIGTERM), ("start", signal.SIGKILL)],
     ("decode", 2): [("work", signal.SIGKILL)],
+    ("shards", 1): [("work", signal.SIGKILL)],
+    ("shards", 2): [("work", signal.SIGKILL)],
 }
 
 
@@ -39,11 +42,14 @@ def command(kind: str, processes: int, *args) -> list[str]:
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
-    return [*launcher, "-m", "vqfast", kind, *map(str, args)]
+    return [*launcher, "-m", "vqfast", "encode" if kind == "shards" else kind, *map(str, args)]
 
 
 def finished(kind: str, target: Path) -> int:
-    """How many batches (encode: parts) or images (decode: PNGs) are on disk so far."""
+    """How many batches (encode: parts), images (decode: PNGs) or shards (shards: done marks) are
+    on disk so far."""
+    if kind == "shards":
+        return len([p for p in target.glob("*.json") if p.name != "index.json"]) if target.is_dir() else 0
     if kind == "encode":
         parts = target.with_name(target.name + ".parts")
         return len(list(parts.glob("rank*.safetensors"))) if parts.is_dir() else 0
@@ -77,7 +83,7 @@ def interrupt(cmd: list[str], kind: str, target: Path, when: str, sig: int, rng:
     if when == "start":
         delay = rng.uniform(0.0, 3.0)
     else:  # a random point of the progress, then a random few milliseconds into the next step
-        goal = finished(kind, target) + rng.randint(1, 4 if kind == "encode" else 8)
+        goal = finished(kind, target) + rng.randint(1, {"encode": 4, "decode": 8, "shards": 3}[kind])
         while finished(kind, target) < goal and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)
         delay = rng.uniform(0.0, 0.02)
@@ -108,7 +114,19 @@ def reference(tmp_path_factory):
     vqfast.VQModel.from_config({**TINY, "block_out_channels": (32, 64), "norm_num_groups": 8}).save_pretrained(model)
     assert encode(folder, "--model", model, "-o", root / "ref" / "t.safetensors", "--batch-size", 2) == 0
     assert decode(root / "ref" / "t.safetensors", "--model", model, "-o", root / "ref" / "png", "--batch-size", 2) == 0
+    # the same images as five webdataset shards of two or three samples (a .jpg and a .txt each)
+    webdataset = pytest.importorskip("webdataset", reason="webdataset is a test dependency (pip install -e .[test])")
+    (root / "shards").mkdir()
+    for shard in range(5):
+        with webdataset.TarWriter(str(root / "shards" / f"{shard:05d}.tar")) as sink:
+            for name in names[shard * 12 // 5:(shard + 1) * 12 // 5]:
+                sink.write({"__key__": name[:-4], "png": (folder / name).read_bytes(), "txt": name.encode()})
+    assert encode(*shard_args(root, model, root / "ref" / "shards")) == 0
     return root, folder, model, names
+
+
+def shard_args(root: Path, model: Path, out: Path) -> tuple:
+    return (root / "shards", "--model", model, "-o", out, "--size", 64, "--batch-size", 2, "--workers", 1)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -121,7 +139,10 @@ def test_interrupted_at_random_moments_then_resumed_gives_the_same_bytes(referen
     rng = random.Random(f"{SEED}-{kind}-{processes}")
     work = root / f"{kind}-{processes}"
     tokens = root / "ref" / "t.safetensors"
-    if kind == "encode":
+    if kind == "shards":
+        target = work / "shards"
+        args = shard_args(root, model, target)
+    elif kind == "encode":
         target = work / "t.safetensors"
         args = (folder, "--model", model, "-o", target, "--batch-size", 2)
     else:
@@ -139,7 +160,12 @@ def test_interrupted_at_random_moments_then_resumed_gives_the_same_bytes(referen
     env.pop("WORLD_SIZE", None)
     done = subprocess.run(command(kind, processes, *args), env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
-    if kind == "encode":
+    if kind == "shards":  # every token shard and the index (the per-shard records hold times)
+        ref = root / "ref" / "shards"
+        assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in ref.iterdir())
+        for name in [f"{i:05d}.tar" for i in range(5)] + ["index.json"]:
+            assert (target / name).read_bytes() == (ref / name).read_bytes(), name
+    elif kind == "encode":
         assert target.read_bytes() == tokens.read_bytes()
         assert not target.with_name(target.name + ".parts").exists()
     else:
