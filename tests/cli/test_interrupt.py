@@ -1,6 +1,6 @@
 """kill -9 (and Ctrl-C) at random moments, then resume: the outputs are byte for byte those of an
 uninterrupted run, for encode and decode, in one process and in two (torchrun, gloo), and for
-webdataset shards in and out (shards).
+webdataset shards in and token shards out (shards).
 
 The moments come from a seeded generator: some a random time after the launch (the process may
 die while importing torch, scanning, or computing), the others once a random number of batches

@@ -203,7 +203,7 @@ def test_compiled_decode_has_no_graph_break(backend, grad, device):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = vqfast.VQModel(
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
         up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4, vq_embed_dim=4,
         norm_type="spatial", num_vq_embeddings=64,
     ).eval().to(device)
