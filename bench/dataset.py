@@ -12,7 +12,8 @@ Makes a webdataset in img2dataset's layout in a temporary folder (shards of --pe
 - model: encode_ids on batches of random pixels of the run's size, without the reader;
 - end to end: `vqfast encode SHARDS --size N -o OUT` as a user runs it, in one process, then as
   two processes at once (--part 0/2 and 1/2, each with half the CPU threads), wall time from the
-  first start to the last end.
+  first start to the last end; and the same runs' time inside their shards (the per-shard
+  records' seconds: the rate once the processes are up) with the start-up cost beside it.
 Writes bench/results/dataset-<date>-<model>.json with the machine (CPU and ISA, threads),
 versions and every figure. On a GPU machine the model runs on CUDA (bench/gpu_check.py may call it).
 """
@@ -135,9 +136,16 @@ def main() -> None:
         result = {"loader_images_per_s": loader_rate(shards, args.size, args.workers),
                   "model_images_per_s": model_rate(model_dir, args.size, args.batch, args.device)}
         for processes in (1, 2):
-            seconds = end_to_end(data, tmp / f"out{processes}", model_dir, args.size, args.batch, processes,
-                                 args.workers)
+            out = tmp / f"out{processes}"
+            seconds = end_to_end(data, out, model_dir, args.size, args.batch, processes, args.workers)
             result[f"end_to_end_{processes}_process_images_per_s"] = args.images / seconds
+            # The command's own time in its shards (each shard's record holds its seconds): the rate
+            # once the processes are up, and what starting them (imports, the model, the decoding
+            # workers) cost on top.
+            in_shards = max(sum(json.loads((out / f"{s.stem}.json").read_text())["seconds"]
+                                for i, s in enumerate(shards) if i % processes == part) for part in range(processes))
+            result[f"in_shards_{processes}_process_images_per_s"] = args.images / in_shards
+            result[f"start_up_{processes}_process_s"] = seconds - in_shards
         same = all((tmp / "out1" / s.name).read_bytes() == (tmp / "out2" / s.name).read_bytes() for s in shards)
     env = environment(args.device)
     record = {**env, "model": args.config, "images": args.images, "per_shard": args.per_shard,

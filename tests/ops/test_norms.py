@@ -110,6 +110,28 @@ def test_eager_channels_last_norms_take_shifted_statistics(dtype, tolerance):
         vqfast.set_backend(None)
 
 
+def test_eager_channels_last_statistics_do_not_depend_on_the_thread_count():
+    """The shifted statistics are summed on one thread: batch_norm_update_stats splits a
+    channels_last input's sums across threads, and on 2 or 3 threads this input's statistics
+    came out otherwise rounded than on 1 (a token in a near tie could then change between one
+    process and two)."""
+    from vqfast.ops import reference
+
+    x = (torch.randn(2, 128, 64, 64, generator=torch.Generator().manual_seed(3)) * 0.5 + 3).contiguous(
+        memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(reference._shifted_statistics(x.clone(), 32, 1e-6))
+            assert torch.get_num_threads() == n  # restored
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
 @pytest.mark.parametrize("ratio", ["h=H/8", "3->5", "5->3", "7x6->33x31"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
