@@ -1,7 +1,10 @@
-"""The compiled CPU search for D <= 8 (vqfast/ops/search_cpu.cpp): the float64 argmin wherever
-float64 has a clear winner, ties to the lowest index, NaN as torch.argmin, the same answer on any
-number of threads, and the GEMM path with one warning where it cannot be built."""
+"""The compiled CPU search (vqfast/ops/search_cpu.cpp), both kernels (D <= 8, and the GEMM-shaped
+one above): the float64 argmin wherever float64 has a clear winner, ties to the lowest index
+across micro-tiles and cache blocks, NaN as torch.argmin, the same answer on any number of
+threads and at either vector width (8 lanes on AVX2, 16 on AVX-512: both built and run here),
+and the GEMM path with one warning where it cannot be built."""
 
+import ctypes
 import warnings
 
 import pytest
@@ -33,31 +36,46 @@ def clear_rows_agree(z, book, got):
     assert torch.equal(got[clear], d.argmin(1)[clear])
 
 
-@pytest.mark.parametrize("D", range(1, 9))
+#: Small D's kernel (1..8) and the GEMM-shaped one: a partial micro-tile of dimensions (9), the
+#: real codebooks' 64 and 256 (several 192 KiB blocks of codes and 256 KiB panels of rows at 256
+#: with K = 301 and N = 1000), an odd D, and a D whose block of codes is a single micro-tile.
+DIMS = [*range(1, 9), 9, 64, 100, 256, 4100]
+
+
+@pytest.mark.parametrize("D", DIMS)
 @pytest.mark.parametrize("offset", [0.0, 20.0, 300.0])
 def test_float64_argmin_where_it_is_clear(D, offset):
     g = torch.Generator().manual_seed(D)
-    book = offset + torch.randn(300, D, generator=g) * (0.1 if offset == 300 else 1.0)
+    # K = 301 and N = 1000: a partial group of codes and a partial micro-tile of rows
+    book = offset + torch.randn(301, D, generator=g) * (0.1 if offset == 300 else 1.0)
     z = offset + torch.randn(1000, D, generator=g) * (0.1 if offset == 300 else 1.0)
+    if D > 1000:  # random rows at this D are all about equally far from every code: rows near codes
+        z = book[torch.randint(0, 301, (1000,), generator=g)] + (z - offset) * 0.5
     assert search_cpu.applies(z.device, torch.float32, D)
     clear_rows_agree(z, book, vf.nearest_code(z, book))
 
 
-def test_ties_go_to_the_lowest_index_and_nan_as_torch_argmin():
+@pytest.mark.parametrize("D", [4, 64, 256])
+def test_ties_go_to_the_lowest_index_and_nan_as_torch_argmin(D):
     g = torch.Generator().manual_seed(0)
-    book = torch.randn(50, 4, generator=g)
-    book[37] = book[5]  # a duplicate code: equal scores, the lower index wins
-    z = torch.cat([book[5:6] + 1e-3, torch.randn(9, 4, generator=g)])
+    book = torch.randn(400, D, generator=g)
+    # duplicates of codes 5 and 200 in the same micro-tile, a later one, a later block of codes
+    # (192 KiB of codes: 192 at D = 256) and the partial group at the end: the lower index wins
+    for copy in (7, 37, 250, 399):
+        book[copy] = book[5]
+    book[390] = book[200]
+    z = torch.cat([book[5:6] + 1e-3, book[200:201] - 1e-3, torch.randn(30, D, generator=g)])
     z[3, 1] = float("nan")
     got = vf.nearest_code(z, book)
-    assert got[0] == 5 and got[3] == 0
+    assert got[0] == 5 and got[1] == 200 and got[3] == 0
     book[20, 2] = float("nan")  # a NaN code: every centred code is NaN, every row gets 0
-    assert vf.nearest_code(z, book).tolist() == [0] * 10
+    assert vf.nearest_code(z, book).tolist() == [0] * len(z)
 
 
-def test_any_thread_count_gives_the_same_indices():
+@pytest.mark.parametrize("D", [4, 64])
+def test_any_thread_count_gives_the_same_indices(D):
     g = torch.Generator().manual_seed(1)
-    book, z = torch.randn(1000, 4, generator=g), torch.randn(5000, 4, generator=g)
+    book, z = torch.randn(1000, D, generator=g), torch.randn(5000, D, generator=g)
     mu, centred, norms = reference.centred_codebook(book, torch.float32)
     before = torch.get_num_threads()
     try:
@@ -68,6 +86,29 @@ def test_any_thread_count_gives_the_same_indices():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, answers[0]) for a in answers)
+
+
+@pytest.mark.parametrize("D", [9, 64, 256])
+def test_either_vector_width_gives_the_same_indices(D):
+    """The 16-lane build that AVX-512 machines compile (here also on AVX2: the compiler splits its
+    vectors) against the 8-lane one: every score takes the same operations in the same order,
+    so the indices are the same, not merely close."""
+    g = torch.Generator().manual_seed(3)
+    book, z = torch.randn(500, D, generator=g), torch.randn(777, D, generator=g)
+    mu, centred, norms = reference.centred_codebook(book, torch.float32)
+    rows = (z - mu).contiguous()
+    answers = []
+    for lanes in (8, 16):
+        lib = ctypes.CDLL(str(search_cpu.build((f"VQFAST_LANES={lanes}",))))
+        packed = search_cpu.pack(centred, lib.vqfast_codes_per_tile())
+        out = torch.empty(len(z), dtype=torch.long)
+        fn = lib.vqfast_nearest_any_d
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        assert fn(rows.data_ptr(), 0, len(z), D, packed.data_ptr(), norms.data_ptr(), 500, out.data_ptr()) == 0
+        answers.append(out)
+    assert torch.equal(answers[0], answers[1])
+    clear_rows_agree(z, book, answers[0])
 
 
 def test_without_a_compiler_the_gemm_path_answers_after_one_warning(monkeypatch, tmp_path):

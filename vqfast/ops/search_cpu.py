@@ -1,4 +1,6 @@
-"""The CPU codebook search for D <= 8 in compiled code (search_cpu.cpp), built at first use.
+"""The CPU codebook search in compiled code (search_cpu.cpp), built at first use: for D <= 8 the
+running minimum of 8 or 16 rows in registers, above it a register-blocked GEMM whose epilogue is
+the running minimum (the codebook packed for it once per codebook state, vqfast.ops.derived).
 
 The kernel is compiled once per machine with the system C++ compiler (``$CXX`` or ``c++``,
 ``-O3 -march=native``) into ~/.cache/vqfast (``$VQFAST_CACHE``), under a name that hashes the
@@ -9,6 +11,7 @@ warning says so. ``VQFAST_CPU_SEARCH=0`` keeps the GEMM path without trying.
 
 Rows are split into one range per intra-op thread (torch.get_num_threads()) and each range is
 searched by a ctypes call, which releases the GIL: per-row results, so the split changes nothing.
+The threads are kept between calls (a new pool after a fork: threads do not survive one).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+from .derived import derived
+
+#: The largest D of the small-D kernel; above it, the GEMM-shaped one.
 MAX_D = 8
 ENV_VAR = "VQFAST_CPU_SEARCH"
 SOURCE = Path(__file__).with_name("search_cpu.cpp")
@@ -48,14 +54,16 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("VQFAST_CACHE") or Path.home() / ".cache" / "vqfast")
 
 
-def build() -> Path:
-    """The shared library, built now unless the cache has it; raises on failure."""
+def build(defines: tuple[str, ...] = ()) -> Path:
+    """The shared library, built now unless the cache has it; raises on failure. ``defines``
+    (``"NAME=VALUE"``) are passed as -D flags: the tests build the other vector width with them."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()]))
+    flags = FLAGS + [f"-D{d}" for d in defines]
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_flags().encode(), " ".join(flags).encode()]))
     target = _cache_dir() / f"search_cpu-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
@@ -63,7 +71,7 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".search_cpu-", suffix=".so.tmp")
     os.close(fd)
     try:
-        run = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        run = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
         if run.returncode:
             raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[-500:]}")
         os.replace(tmp, target)
@@ -84,16 +92,27 @@ def library() -> ctypes.CDLL | None:
                       f"searches with D <= {MAX_D} on CPU run on the slower GEMM path. {ENV_VAR}=0 silences this.",
                       RuntimeWarning, stacklevel=3)
         return None
-    fn = lib.vqfast_nearest_small_d
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.vqfast_codes_per_tile.restype = ctypes.c_int
+    for fn in (lib.vqfast_nearest_small_d, lib.vqfast_nearest_any_d):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     return lib
 
 
 def applies(device: torch.device, acc: torch.dtype, D: int) -> bool:
     """Whether a search on ``device`` ranking in ``acc`` with this D runs here (and the kernel is there)."""
-    return device.type == "cpu" and acc == torch.float32 and 1 <= D <= MAX_D and library() is not None
+    return device.type == "cpu" and acc == torch.float32 and D >= 1 and library() is not None
+
+
+def pack(codes: torch.Tensor, nr: int | None = None) -> torch.Tensor:
+    """The codebook (K, D) as the any-D kernel reads it: each group of ``nr`` codes (the loaded
+    kernel's codes per micro-tile by default) interleaved as (D, nr), the last K mod nr as they are."""
+    nr = nr or library().vqfast_codes_per_tile()
+    K, D = codes.shape
+    whole = K - K % nr
+    groups = codes[:whole].reshape(-1, nr, D).transpose(1, 2).reshape(-1)
+    return torch.cat([groups, codes[whole:].reshape(-1)])
 
 
 #: Rows per thread below which one call does all (a thread hand-off costs more than it saves).
@@ -106,8 +125,11 @@ def nearest(rows: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor) -> tor
     rows, codes, norms = rows.contiguous(), codes.contiguous(), norms.contiguous()
     n, D = rows.shape
     out = torch.empty(n, dtype=torch.long)
-    fn = library().vqfast_nearest_small_d
-    args = (rows.data_ptr(), D, codes.data_ptr(), norms.data_ptr(), codes.shape[0], out.data_ptr())
+    if D <= MAX_D:
+        fn = library().vqfast_nearest_small_d
+    else:
+        fn, codes = library().vqfast_nearest_any_d, derived(pack, codes)
+    args = (rows.data_ptr(), D, codes.data_ptr(), norms.data_ptr(), norms.shape[0], out.data_ptr())
 
     def run(start: int, stop: int) -> None:
         status = fn(args[0], start, stop, *args[1:])
@@ -119,9 +141,18 @@ def nearest(rows: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor) -> tor
         run(0, n)
         return out
     bounds = [n * i // threads for i in range(threads + 1)]
-    with ThreadPoolExecutor(threads - 1) as pool:
-        others = [pool.submit(run, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
-        run(bounds[0], bounds[1])
-        for f in others:
-            f.result()
+    others = [_pool(threads - 1).submit(run, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+    run(bounds[0], bounds[1])
+    for f in others:
+        f.result()
     return out
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the parent's threads
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="vqfast-search")
+    return _POOLS[workers]
