@@ -14,7 +14,9 @@ docs/benchmarks.md holds the full tables:
 README.md holds the headline, ``<!-- headline:start -->`` ... ``<!-- headline:end -->``: one row per
 case measured side by side on the machine of the newest result (vqfast against diffusers and
 against torch.compile(diffusers), alone, and against diffusers beside one busy process), then one
-row per case measured on a GPU (gpu-check.json), when there is one.
+row per case measured on a GPU (gpu-check.json), when there is one. And the codebook search
+against what users would use instead, ``<!-- search:start -->`` ... ``<!-- search:end -->``: per
+quantize case and machine, the newest ``vqfast bench`` run that set it against FAISS.
 
 Nothing in the tables is typed by hand.
 """
@@ -32,6 +34,7 @@ BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SIDE_START, SIDE_END = "<!-- side-by-side:start -->", "<!-- side-by-side:end -->"
 HEAD_START, HEAD_END = "<!-- headline:start -->", "<!-- headline:end -->"
+SEARCH_START, SEARCH_END = "<!-- search:start -->", "<!-- search:end -->"
 #: Row order: whole-model cases first (what users run), then the ops.
 KIND_ORDER = ["decode", "encode", "quantize", "spatial_norm", "group_norm"]
 
@@ -179,6 +182,34 @@ def headline_rows(results: Path = RESULTS) -> tuple[str, list[str]]:
     return ("CPU" if devices <= {"cpu"} else "machine"), rows_
 
 
+def search_rows(results: Path = RESULTS) -> list[str]:
+    """The codebook search against FAISS, cdist + argmin and diffusers: per quantize case and
+    machine the newest `vqfast bench` run with a FAISS baseline, the speed-ups and each method's
+    wrong codes on the +20 offset case."""
+    latest: dict[tuple, tuple[dict, dict]] = {}
+    for file in sorted(results.rglob("vqfast-bench-*.json")):
+        run = json.loads(file.read_text())
+        for r in run["results"]:
+            if r["case"]["kind"] == "quantize" and r["baselines"].get("faiss", {}).get("ms"):
+                c = r["case"]
+                key = (c["name"], c["batch"] * c["size"] ** 2, c["dtype"], run["device_name"])
+                if key not in latest or run["date"] > latest[key][0]["date"]:
+                    latest[key] = (run, r)
+    out = []
+    for _, (run, r) in sorted(latest.items()):
+        ours, others = r["vqfast"], r["baselines"]
+
+        def vs(name):
+            return f"{others[name]['ms'] / ours['ms']:.2f}x" if others.get(name, {}).get("ms") else ""
+
+        wrong = " / ".join(str(x.get("wrong_codes", "-")) for x in (ours, *(others.get(n, {}) for n in
+                                                                          ("faiss", "cdist", "diffusers"))))
+        cells = [Case(**r["case"]).label, run["device_name"], f"{ours['ms']:.1f} ms", vs("faiss"), vs("cdist"),
+                 vs("diffusers"), f"{wrong} of {ours.get('rows_checked', '')}", run["date"][:10]]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def replace_block(text: str, start: str, end: str, lines: list[str], where: str = "README.md") -> str:
     block = "\n".join([start, *lines, end])
     new, n = re.subn(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
@@ -190,9 +221,13 @@ def replace_block(text: str, start: str, end: str, lines: list[str], where: str 
 def render_readme(text: str, results: Path = RESULTS) -> str:
     """README.md's text with its headline table brought up to date with bench/results."""
     machine, lines = headline_rows(results)
-    return replace_block(text, HEAD_START, HEAD_END, [
+    text = replace_block(text, HEAD_START, HEAD_END, [
         f"| case | {machine} | vs diffusers | vs torch.compile(diffusers) | vs diffusers beside one busy process | date |",
         "|---|---|---|---|---|---|", *lines], "README.md")
+    return replace_block(text, SEARCH_START, SEARCH_END, [
+        "| case | machine | vqfast | vs FAISS | vs cdist + argmin | vs diffusers | "
+        "wrong codes at +20 (vqfast / FAISS / cdist / diffusers) | date |",
+        "|---|---|---|---|---|---|---|---|", *search_rows(results)], "README.md")
 
 
 #: Until tests/test_tables.py (which calls ``render`` on README.md) is retired.

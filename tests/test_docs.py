@@ -214,7 +214,8 @@ def test_headline_rows(tmp_path: Path):
     machine, rows = table.headline_rows(tmp_path)
     assert machine == "machine" and len(rows) == 3
     assert rows[-1].endswith("| NVIDIA H100 80GB HBM3 (triton 3.9.0) | 3.00x | 2.00x |  | 2026-12-07 |"), rows[-1]
-    text = table.render_readme("a\n<!-- headline:start -->\nold\n<!-- headline:end -->\nb\n", tmp_path)
+    text = table.render_readme("a\n<!-- headline:start -->\nold\n<!-- headline:end -->\nb\n"
+                               "<!-- search:start -->\nold\n<!-- search:end -->\n", tmp_path)
     assert text.startswith("a\n<!-- headline:start -->\n| case | machine | vs diffusers |") and "old" not in text
 
 
@@ -271,3 +272,25 @@ def test_every_option_is_documented():
     if "--debug" not in text:
         missing.append("--debug")
     assert not missing, f"docs/command.md does not mention: {', '.join(missing)}"
+
+
+def test_search_rows(tmp_path: Path):
+    """Per quantize case and machine the newest run that has a FAISS baseline; speed-ups against
+    each baseline and every method's wrong codes on the offset case."""
+    amd = "AMD EPYC (AVX2), 2 threads"
+    case = {"kind": "quantize", "name": "movq", "batch": 1, "size": 256, "dtype": "float32", "impl": "vqfast",
+            "device": "cpu"}
+
+    def run(date, ours_ms, faiss):
+        wrong = {"rows_checked": 1024, "offset": 20.0}
+        baselines = {"diffusers": {"ms": 40.0, "wrong_codes": 4, **wrong}, "cdist": {"ms": 20.0, "wrong_codes": 4, **wrong}}
+        if faiss:
+            baselines["faiss"] = {"ms": 10.0, "wrong_codes": 0, **wrong}
+        return {"device": "cpu", "device_name": amd, "date": date,
+                "results": [{"case": case, "vqfast": {"ms": ours_ms, "wrong_codes": 0, **wrong}, "baselines": baselines}]}
+
+    _write(tmp_path / "vqfast-bench-1.json", run("2026-12-05T10:00:00+00:00", 8.0, True))
+    _write(tmp_path / "vqfast-bench-2.json", run("2026-12-06T10:00:00+00:00", 5.0, True))
+    _write(tmp_path / "vqfast-bench-3.json", run("2026-12-07T10:00:00+00:00", 1.0, False))  # no FAISS: not this table's
+    assert _table().search_rows(tmp_path) == [
+        f"| quantize movq K=16384 D=4 N=1024 float32 | {amd} | 5.0 ms | 2.00x | 4.00x | 8.00x | 0 / 0 / 4 / 4 of 1024 | 2026-12-06 |"]

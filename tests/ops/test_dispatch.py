@@ -23,7 +23,7 @@ def test_auto_takes_triton_for_cuda_and_eager_for_cpu():
     ops = ("nearest_code", "quantize", "group_norm", "spatial_norm")
     from vqfast.ops import search_cpu
 
-    search = "eager (compiled search for D <= 8)" if search_cpu.library() is not None else "eager"
+    search = "eager (compiled search for float32)" if search_cpu.library() is not None else "eager"
     assert vqfast.backend_info("cpu") == {**dict.fromkeys(ops, "eager"), "nearest_code": search, "quantize": search}
     assert vqfast.backend_info("cuda") == dict.fromkeys(ops, "triton")
 

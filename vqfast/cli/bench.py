@@ -17,6 +17,7 @@ Weights are random (no checkpoint is downloaded), with a codebook spread like a 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import importlib.util
 import json
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -108,22 +110,94 @@ def _model_case(case: Case) -> Callable[[], object]:
     return lambda: fn(x)
 
 
-def _quantize_case(case: Case) -> Callable[[], object]:
+def search_inputs(case: Case, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (batch, D, side, side), codebook (K, D)) of a quantize case, random normal plus
+    ``offset`` (far from the origin: the case that rounding in a distance's expansion gets wrong)."""
     K, D = CODEBOOKS[case.name]
     g = torch.Generator().manual_seed(0)
-    dtype = getattr(torch, case.dtype)
     side = case.size // 8
-    z = torch.randn(case.batch, D, side, side, generator=g).to(case.device, dtype)
+    z = torch.randn(case.batch, D, side, side, generator=g)
+    return z + offset, torch.randn(K, D, generator=g) + offset
+
+
+#: What users would run instead of vqfast's search: FAISS's exact flat index (k=1) and
+#: torch.cdist + argmin. They take the rows ready made (N, D) and return indices only, where the
+#: quantizers also permute z, gather z_q and take the loss: their times are the search alone.
+SEARCH_BASELINES = ("faiss", "cdist")
+#: Most bytes of the N x K distance matrix the cdist baseline may hold (beyond it, not run).
+CDIST_BYTES = 4 * 2**30
+
+
+def _searcher(case: Case, z: torch.Tensor, book: torch.Tensor) -> tuple[Callable[[], object], Callable]:
+    """(run, indices): ``run()`` one search of ``z`` in ``book`` as ``case.impl`` does it,
+    ``indices(run())`` its codes (N,) in row order (batch, then height, then width)."""
+    dtype = getattr(torch, case.dtype)
+    D = book.shape[1]
+    rows = z.permute(0, 2, 3, 1).reshape(-1, D)
+    if case.impl == "faiss":  # float32 only: half cases are searched in float32
+        import faiss
+
+        if case.device.startswith("cuda"):
+            import faiss.contrib.torch_utils  # noqa: F401  (torch tensors in and out)
+
+            index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), D)
+            index.add(book.to(case.device))
+            rows = rows.to(case.device).contiguous()
+            return (lambda: index.search(rows, 1)[1]), lambda out: out.reshape(-1).cpu()
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.IndexFlatL2(D)
+        index.add(book.numpy())
+        rows_np = rows.contiguous().numpy()
+        return (lambda: index.search(rows_np, 1)[1]), lambda out: torch.from_numpy(out).reshape(-1)
+    if case.impl == "cdist":
+        if rows.shape[0] * book.shape[0] * 4 > CDIST_BYTES:
+            raise RuntimeError(f"not run: its N x K distance matrix would take "
+                               f"{rows.shape[0] * book.shape[0] * 4 / 2**30:.0f} GiB")
+        rows, book = rows.to(case.device, dtype).contiguous(), book.to(case.device, dtype)
+        return (lambda: torch.cdist(rows, book).argmin(1)), lambda out: out.cpu()
     if case.impl.startswith("diffusers"):
         from diffusers.models.autoencoders.vae import VectorQuantizer
     else:
         VectorQuantizer = _vqfast(case.impl).VectorQuantizer
-    q = VectorQuantizer(K, D, beta=0.25)
+    q = VectorQuantizer(book.shape[0], D, beta=0.25)
     with torch.no_grad():
-        q.embedding.weight.copy_(torch.randn(K, D, generator=g))
+        q.embedding.weight.copy_(book)
     q = q.to(case.device, dtype)
     fn = torch.compile(q) if case.impl.endswith("-compile") else q
-    return lambda: fn(z)
+    z = z.to(case.device, dtype)
+    return (lambda: fn(z)), lambda out: out[2][2].reshape(-1).cpu()
+
+
+def _quantize_case(case: Case) -> Callable[[], object]:
+    return _searcher(case, *search_inputs(case))[0]
+
+
+def float64_nearest(rows: torch.Tensor, book: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmin, clear): float64's nearest code per row, and whether it is a clear winner (the
+    top-2 distances apart by more than 1e-4 of the nearest: rounding may pick either otherwise)."""
+    book = book.double()
+    best, clear = [], []
+    for start in range(0, rows.shape[0], chunk):
+        top2 = torch.cdist(rows[start:start + chunk].double(), book).topk(2, dim=1, largest=False)
+        best.append(top2.indices[:, 0])
+        clear.append(top2.values[:, 1] - top2.values[:, 0] > 1e-4 * top2.values[:, 0].clamp_min(1e-30))
+    return torch.cat(best), torch.cat(clear)
+
+
+#: The offset case's shift and rows checked (the first ones).
+WRONG_CODES_OFFSET, WRONG_CODES_ROWS = 20.0, 8192
+
+
+def wrong_codes(case: Case) -> dict:
+    """{"wrong_codes", "rows_checked", "offset"}: rows of the offset case (z and codebook + 20)
+    where ``case.impl`` picks another code than float64's clear winner."""
+    z, book = search_inputs(case, WRONG_CODES_OFFSET)
+    run, indices = _searcher(case, z, book)
+    with torch.no_grad():
+        got = indices(run())[:WRONG_CODES_ROWS]
+    want, clear = float64_nearest(z.permute(0, 2, 3, 1).reshape(-1, book.shape[1])[:WRONG_CODES_ROWS], book)
+    return {"wrong_codes": int(((got != want) & clear).sum()), "rows_checked": int(got.numel()),
+            "offset": WRONG_CODES_OFFSET}
 
 
 def _norm_case(case: Case) -> Callable[[], object]:
@@ -179,31 +253,36 @@ def resident_peak_kib() -> int:
 
 
 def fma_peak_gflops(threads: int) -> float | None:
-    """This CPU's fp32 FMA peak in GFLOP/s on ``threads`` cores: threads x 2 FMA units x lanes
-    x 2 flops x clock, lanes 16 with avx512f, 8 with avx2/fma, 4 otherwise, clock the
-    reported "cpu MHz" of /proc/cpuinfo. A nominal figure: cores that split a 512-bit FMA in
-    two halves (AMD Zen 4) or lower their clock under AVX-512 reach less. None off Linux."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    """This CPU's fp32 FMA peak in GFLOP/s on ``threads`` cores, measured: a loop of independent
+    FMAs (the compiled search's library, at its vector width) on each thread at once, summed.
+    (/proc/cpuinfo's "cpu MHz" is the nominal clock: a Zen 3 EPYC ran 1.4x above it.) None
+    without the compiled library."""
+    from vqfast.ops import search_cpu
+
+    lib = search_cpu.library()
+    if lib is None:
         return None
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    mhz = next((float(line.split(":", 1)[1]) for line in info.splitlines() if line.startswith("cpu MHz")), None)
-    if mhz is None:
-        return None
-    lanes = 16 if "avx512f" in flags else 8 if "fma" in flags else 4
-    return threads * 2 * lanes * 2 * mhz / 1e3
+    fn = lib.vqfast_fma_gflops
+    fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int64]
+    fn(20_000_000)  # the clock ramps up
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(fn, [300_000_000] * threads))
+
+
+def search_pairs(case: Case) -> int:
+    """(row, code) pairs a quantize case ranks: N x K."""
+    return case.batch * (case.size // 8) ** 2 * CODEBOOKS[case.name][0]
 
 
 def search_flops(case: Case) -> float:
     """Multiply-adds of a quantize case's distance ranking, as flops: N x K x D x 2."""
-    K, D = CODEBOOKS[case.name]
-    return case.batch * (case.size // 8) ** 2 * K * D * 2
+    return search_pairs(case) * CODEBOOKS[case.name][1] * 2
 
 
 def measure_here(case: Case, repeat: int, warmup: int, threads: int | None = None) -> dict:
     """{"ms": median ms (None when repeat is 0), "runs_ms": [...], "peak_mib": memory one run
-    adds, and for a CPU quantize case "gflops" achieved and "fma_peak_gflops"} in this process,
+    adds, and for a quantize case "pairs_per_s", the offset case's wrong codes (wrong_codes) and
+    on CPU "gflops" achieved} in this process,
     on ``threads`` CPU threads (None: torch's default)."""
     if threads:
         torch.set_num_threads(threads)
@@ -230,9 +309,11 @@ def measure_here(case: Case, repeat: int, warmup: int, threads: int | None = Non
     if case.impl.endswith("-compile") and not cuda:
         peak = None  # compilation already set this process's high-water mark (see _mib)
     out = {"ms": statistics.median(times) if times else None, "runs_ms": times, "peak_mib": peak}
-    if case.kind == "quantize" and not cuda and times:
-        out["gflops"] = search_flops(case) / (out["ms"] * 1e6)
-        out["fma_peak_gflops"] = fma_peak_gflops(torch.get_num_threads())
+    if case.kind == "quantize" and times:
+        out["pairs_per_s"] = search_pairs(case) / (out["ms"] / 1e3)
+        if not cuda:
+            out["gflops"] = search_flops(case) / (out["ms"] * 1e6)
+        out.update(wrong_codes(case))
     return out
 
 
@@ -251,16 +332,31 @@ def measure(case: Case, repeat: int, warmup: int, threads: int | None = None) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def baselines(device: str, compile_baseline: bool) -> list[str]:
+def baselines(device: str, compile_baseline: bool, kind: str | None = None) -> list[str]:
     """What vqfast is compared with: diffusers when installed (a GPU machine may lack it), on
-    GPU vqfast's eager path, and when asked torch.compile of diffusers."""
+    GPU vqfast's eager path, when asked torch.compile of diffusers, and for the codebook
+    search FAISS (when installed; on GPU its GPU index, when that build is installed) and cdist."""
     has_diffusers = importlib.util.find_spec("diffusers") is not None
     out = ["diffusers"] if has_diffusers else []
     if device.startswith("cuda"):
         out.append("vqfast-eager")
     if has_diffusers and compile_baseline:
         out.append("diffusers-compile")
+    if kind == "quantize":
+        if _has_faiss(device):
+            out.append("faiss")
+        out.append("cdist")
     return out
+
+
+def _has_faiss(device: str) -> bool:
+    if importlib.util.find_spec("faiss") is None:
+        return False
+    if not device.startswith("cuda"):
+        return True
+    import faiss
+
+    return hasattr(faiss, "GpuIndexFlatL2") and faiss.get_num_gpus() > 0
 
 
 def comparisons(result: dict) -> list[tuple[str, dict, str, dict]]:
@@ -279,11 +375,22 @@ def comparisons(result: dict) -> list[tuple[str, dict, str, dict]]:
 def row_cells(ours_name: str, ours: dict, name: str, b: dict) -> list[str]:
     """The vqfast, baseline, speed-up and peak-memory cells of one table row."""
     mine = f"{ours['ms']:.1f} ms" if ours_name == "vqfast" else f"{ours_name} {ours['ms']:.1f} ms"
-    if ours.get("fma_peak_gflops") and "error" not in ours:
-        mine += f" ({ours['gflops']:.0f} GFLOP/s, {100 * ours['gflops'] / ours['fma_peak_gflops']:.1f}% of FMA peak)"
+    # results before 2026-12-06 hold the nominal peak (clock from /proc/cpuinfo), later ones the measured
+    for key, what in (("fma_peak_gflops_measured", "measured"), ("fma_peak_gflops", "nominal")):
+        if ours.get(key) and "error" not in ours:
+            mine += f" ({ours['gflops']:.0f} GFLOP/s, {100 * ours['gflops'] / ours[key]:.0f}% of the {what} FMA peak)"
+            break
+    mine += _wrong(ours)
     if "error" in b or "error" in ours:
         return [mine if "error" not in ours else f"{ours_name}: {ours['error']}", f"{name}: {b.get('error', '')}", "", ""]
-    return [mine, f"{name} {b['ms']:.1f} ms", f"{b['ms'] / ours['ms']:.2f}x", f"{_mib(ours_name, ours)} / {_mib(name, b)}"]
+    return [mine, f"{name} {b['ms']:.1f} ms{_wrong(b)}", f"{b['ms'] / ours['ms']:.2f}x",
+            f"{_mib(ours_name, ours)} / {_mib(name, b)}"]
+
+
+def _wrong(result: dict) -> str:
+    if "wrong_codes" not in result:
+        return ""
+    return f"; +{result['offset']:g} offset: {result['wrong_codes']} of {result['rows_checked']} codes wrong"
 
 
 def _mib(name: str, result: dict) -> str:
@@ -352,11 +459,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"vqfast bench: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
     env = environment(args.device, args.threads)
+    if "quantize" in args.kinds and not args.device.startswith("cuda"):
+        env["fma_peak_gflops_measured"] = fma_peak_gflops(args.threads or torch.get_num_threads())
     results = []
     for case in cases(args):
         entry = {"case": asdict(case), "label": case.label,
                  "vqfast": measure(case, args.repeat, args.warmup, args.threads), "baselines": {}}
-        for name in baselines(args.device, args.compile):
+        if case.kind == "quantize" and env.get("fma_peak_gflops_measured"):
+            entry["vqfast"]["fma_peak_gflops_measured"] = env["fma_peak_gflops_measured"]
+        for name in baselines(args.device, args.compile, case.kind):
             other = Case(**{**asdict(case), "impl": name})
             try:
                 entry["baselines"][name] = measure(other, args.repeat, args.warmup, args.threads)
@@ -392,7 +503,9 @@ def register(sub, name: str) -> None:
     p.add_argument("--kinds", nargs="+", default=["decode", "encode", "quantize", "spatial_norm", "group_norm"],
                    choices=sorted(BUILDERS), help="what to time (default: all)")
     p.add_argument("--models", nargs="+", default=sorted(MODELS), choices=sorted(MODELS))
-    p.add_argument("--codebooks", nargs="+", default=["movq", "amused"], choices=sorted(CODEBOOKS))
+    p.add_argument("--codebooks", nargs="+", default=sorted(CODEBOOKS), choices=sorted(CODEBOOKS),
+                   help="quantize cases: N = batch x (size / 8)^2 vectors, so --batch 1 16 256 --size 256 "
+                        "gives N = 1024, 16384, 262144")
     p.add_argument("--batch", nargs="+", type=int, default=[8] if cuda else [1])
     p.add_argument("--size", nargs="+", type=int, default=[512] if cuda else [256], help="image side in pixels")
     p.add_argument("--dtype", nargs="+", default=["float16"] if cuda else ["float32"],

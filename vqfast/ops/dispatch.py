@@ -89,7 +89,8 @@ use_triton._dynamo_marked_constant = True
 
 def backend_info(device: str | torch.device = "cpu") -> dict[str, str]:
     """For each fused op, "triton" or "eager": the path it takes for tensors on ``device`` now
-    (on CPU the search's eager path names its compiled kernel for small D when it is built).
+    (on CPU the search's eager path names its compiled kernels when they are built: float32
+    searches run there, float64 ones on the GEMM path).
 
     Raises, as the op itself would, when a forced backend cannot run there.
     """
@@ -101,5 +102,5 @@ def backend_info(device: str | torch.device = "cpu") -> dict[str, str]:
 
         if search_cpu.library() is not None:  # builds it on first use (seconds), as a search would
             for op in ("nearest_code", "quantize"):
-                info[op] = f"eager (compiled search for D <= {search_cpu.MAX_D})"
+                info[op] = "eager (compiled search for float32)"
     return info

@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <chrono>
 #include <cstdlib>
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -251,4 +252,20 @@ extern "C" int vqfast_nearest_any_d(const float* q, int64_t start, int64_t stop,
     if (K >= INT32_MAX) return 2;
     if (D < 1) return 1;
     return search_any_d(q, start, stop, D, packed, norms, K, out);
+}
+
+// The FMA peak of one core at this build's vector width, measured (GFLOP/s): 12 independent
+// FMA chains for ``iterations`` steps. `vqfast bench` reports the searches' fraction of it
+// (/proc/cpuinfo's clock is the nominal one; the cores run above it).
+extern "C" double vqfast_fma_gflops(int64_t iterations) {
+    vf acc[12];
+    for (int j = 0; j < 12; j++) acc[j] = splat(1e-3f * j);
+    const vf a = splat(0.999f), b = splat(1e-7f);
+    const auto start = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < iterations; i++)  // floats: no closed form, the chains stay
+        for (int j = 0; j < 12; j++) acc[j] = acc[j] * a + b;
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    float sink = 0;
+    for (int j = 0; j < 12; j++) sink += acc[j][0];
+    return sink == sink ? 12.0 * 2 * W * iterations / seconds / 1e9 : 0.0;
 }
