@@ -82,7 +82,7 @@ def test_any_thread_count_gives_the_same_indices(D):
         answers = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            answers.append(search_cpu.nearest(z - mu, centred, norms))
+            answers.append(search_cpu.nearest(z, mu, centred, norms))
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, answers[0]) for a in answers)
@@ -96,19 +96,34 @@ def test_either_vector_width_gives_the_same_indices(D):
     g = torch.Generator().manual_seed(3)
     book, z = torch.randn(500, D, generator=g), torch.randn(777, D, generator=g)
     mu, centred, norms = reference.centred_codebook(book, torch.float32)
-    rows = (z - mu).contiguous()
     answers = []
     for lanes in (8, 16):
-        lib = ctypes.CDLL(str(search_cpu.build((f"VQFAST_LANES={lanes}",))))
-        packed = search_cpu.pack(centred, lib.vqfast_codes_per_tile())
-        out = torch.empty(len(z), dtype=torch.long)
-        fn = lib.vqfast_nearest_any_d
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-        assert fn(rows.data_ptr(), 0, len(z), D, packed.data_ptr(), norms.data_ptr(), 500, out.data_ptr()) == 0
-        answers.append(out)
+        lib = search_cpu.declare(ctypes.CDLL(str(search_cpu.build((f"VQFAST_LANES={lanes}",)))))
+        answers.append(search_cpu.nearest(z, mu, centred, norms, lib=lib))
     assert torch.equal(answers[0], answers[1])
     clear_rows_agree(z, book, answers[0])
+
+
+@pytest.mark.parametrize("D", [4, 64])
+def test_rows_are_read_where_they_lie(D):
+    """NCHW latents (pixels at stride 1, channels at stride H W), channels_last, a sliced image
+    whose pixels do not merge into one stride, transposed rows, half precision: the indices of
+    the same rows made contiguous, and no copy of z where its strides allow (NCHW)."""
+    g = torch.Generator().manual_seed(4)
+    book = torch.randn(300, D, generator=g)
+    z = torch.randn(3, D, 9, 7, generator=g)
+    mu, centred, norms = reference.centred_codebook(book, torch.float32)
+    want = search_cpu.nearest(z.permute(0, 2, 3, 1).contiguous(), mu, centred, norms)
+    assert torch.equal(vf.nearest_code(z, book), want.view(3, 9, 7))
+    assert torch.equal(vf.nearest_code(z.contiguous(memory_format=torch.channels_last), book), want.view(3, 9, 7))
+    sliced = z[:, :, ::2, 1:]
+    assert torch.equal(vf.nearest_code(sliced, book), want.view(3, 9, 7)[:, ::2, 1:])
+    rows = z.permute(0, 2, 3, 1).reshape(-1, D)
+    assert torch.equal(vf.nearest_code(rows.t().contiguous().t(), book), want)
+    half = z.half()
+    assert torch.equal(vf.nearest_code(half, book), search_cpu.nearest(half.float().permute(0, 2, 3, 1), mu, centred, norms).view(3, 9, 7))
+    nchw = z.movedim(1, -1)
+    assert search_cpu._batches(nchw).data_ptr() == z.data_ptr()  # a view: no copy of the latents
 
 
 def test_without_a_compiler_the_gemm_path_answers_after_one_warning(monkeypatch, tmp_path):

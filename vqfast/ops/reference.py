@@ -59,11 +59,11 @@ def nearest_code(
     still go to the lowest index and a NaN score still wins, as in torch.argmin."""
     D = codebook.shape[1]
     zm = z.movedim(dim, -1)
-    rows = zm.reshape(-1, D)
     acc = accumulator(z, codebook)
     mu, centred, norms = centred if centred is not None else centred_codebook(codebook, acc)
-    if search_cpu.applies(rows.device, acc, D):  # small D: the running minimum in registers
-        return search_cpu.nearest(rows.to(acc) - mu, centred, norms).view(zm.shape[:-1])
+    if search_cpu.applies(z.device, acc, D):  # compiled: reads z where it lies, centres it itself
+        return search_cpu.nearest(zm.to(acc), mu, centred, norms).view(zm.shape[:-1])
+    rows = zm.reshape(-1, D)
     n, k = rows.shape[0], codebook.shape[0]
     chunk = max(1, min(n, tile_bytes(D, scratch_bytes) // (k * norms.element_size())))
     scores = torch.empty(chunk, k, dtype=acc, device=z.device)

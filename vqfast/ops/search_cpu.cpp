@@ -24,6 +24,19 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 // x in every lane, a plain broadcast (v8f{} + x is 0 + x, an add the compiler must keep: -0 + 0 = +0)
 static inline v8f splat8(float x) { return x - v8f{}; }
 
+// The rows to search, read where they lie: row r = (b, p) = (r / P, r % P) of a (B, P, D) strided
+// view (NCHW latents: p runs over the pixels at stride 1, d at stride H W), so neither a
+// permuted copy nor a centred one is made. A row enters the search as -2 (x - mu): the same two
+// roundings as centring it first and scaling it after.
+struct Rows {
+    const float* x;
+    const float* mu;  // the codebook's mean (D,)
+    int64_t D, P, batch_stride, pixel_stride, dim_stride;
+
+    const float* row(int64_t r) const { return x + (r / P) * batch_stride + (r % P) * pixel_stride; }
+    float scaled(const float* row, int64_t d) const { return -2.0f * (row[d * dim_stride] - mu[d]); }
+};
+
 //: Codes per block: the running minimum is kept per block without an index (one vector min per
 //: code), and only the winning block of each row is searched again for its first minimum.
 constexpr int64_t BLOCK = 64;
@@ -37,16 +50,16 @@ static float score(const float* q2, const float* c, float norm) {
 }
 
 template <int D, int V>
-static void block_search(const float* q, int64_t rows, int64_t row0, const float* codes, const float* norms,
+static void block_search(const Rows& in, int64_t rows, int64_t row0, const float* codes, const float* norms,
                          int64_t K, int64_t* out) {
-    // V vectors of 8 rows: q as -2 q, lane l of vector v holding row row0 + 8 v + l (0 past the end)
+    // V vectors of 8 rows, as -2 (x - mu): lane l of vector v holds row row0 + 8 v + l (0 past the end)
     v8f qv[V][D];
     for (int v = 0; v < V; v++)
-        for (int d = 0; d < D; d++)
-            for (int l = 0; l < 8; l++) {
-                int64_t r = row0 + 8 * v + l;
-                qv[v][d][l] = r < rows ? -2.0f * q[r * D + d] : 0.0f;
-            }
+        for (int l = 0; l < 8; l++) {
+            const int64_t r = row0 + 8 * v + l;
+            const float* row = r < rows ? in.row(r) : nullptr;
+            for (int d = 0; d < D; d++) qv[v][d][l] = row ? in.scaled(row, d) : 0.0f;
+        }
     v8f best[V];
     v8i at[V];  // the block holding each lane's minimum so far
     for (int v = 0; v < V; v++) {
@@ -108,17 +121,19 @@ static void block_search(const float* q, int64_t rows, int64_t row0, const float
 }
 
 template <int D>
-static void search(const float* q, int64_t start, int64_t stop, const float* codes, const float* norms, int64_t K,
+static void search(const Rows& in, int64_t start, int64_t stop, const float* codes, const float* norms, int64_t K,
                    int64_t* out) {
     // two vectors of rows (16) where the registers allow it: 2 D + 4 of the 16 AVX2 registers
     constexpr int V = D <= 5 ? 2 : 1;
-    for (int64_t r = start; r < stop; r += 8 * V) block_search<D, V>(q, stop, r, codes, norms, K, out);
+    for (int64_t r = start; r < stop; r += 8 * V) block_search<D, V>(in, stop, r, codes, norms, K, out);
 }
 
-extern "C" int vqfast_nearest_small_d(const float* q, int64_t start, int64_t stop, int64_t D, const float* codes,
+extern "C" int vqfast_nearest_small_d(const Rows* rows, int64_t start, int64_t stop, const float* codes,
                                       const float* norms, int64_t K, int64_t* out) {
     if (K >= INT32_MAX) return 2;
-    switch (D) {
+    if (rows->P < 1) return 1;
+    const Rows& q = *rows;
+    switch (rows->D) {
         case 1: search<1>(q, start, stop, codes, norms, K, out); return 0;
         case 2: search<2>(q, start, stop, codes, norms, K, out); return 0;
         case 3: search<3>(q, start, stop, codes, norms, K, out); return 0;
@@ -200,8 +215,9 @@ static inline void micro_tile(const float* qp, const float* cp, const float* nor
     }
 }
 
-static int search_any_d(const float* q, int64_t start, int64_t stop, int64_t D, const float* packed,
-                        const float* norms, int64_t K, int64_t* out) {
+static int search_any_d(const Rows& in, int64_t start, int64_t stop, const float* packed, const float* norms,
+                        int64_t K, int64_t* out) {
+    const int64_t D = in.D;
     const int64_t tiles = PANEL_FLOATS / (D * TR) > 1 ? PANEL_FLOATS / (D * TR) : 1;  // per panel
     const int64_t codes = BLOCK_FLOATS / (D * NR) > 1 ? BLOCK_FLOATS / (D * NR) * NR : NR;  // per block
     float* qp = (float*)std::aligned_alloc(64, (size_t)(tiles * TR * D) * sizeof(float));
@@ -214,11 +230,11 @@ static int search_any_d(const float* q, int64_t start, int64_t stop, int64_t D, 
     for (int64_t r0 = start; r0 < stop; r0 += tiles * TR) {
         const int64_t used = (stop - r0 + TR - 1) / TR < tiles ? (stop - r0 + TR - 1) / TR : tiles;
         for (int64_t t = 0; t < used; t++) {
-            for (int64_t d = 0; d < D; d++)
-                for (int l = 0; l < TR; l++) {
-                    const int64_t r = r0 + t * TR + l;
-                    qp[(t * D + d) * TR + l] = r < stop ? -2.0f * q[r * D + d] : 0.0f;
-                }
+            for (int l = 0; l < TR; l++) {
+                const int64_t r = r0 + t * TR + l;
+                const float* row = r < stop ? in.row(r) : nullptr;
+                for (int64_t d = 0; d < D; d++) qp[(t * D + d) * TR + l] = row ? in.scaled(row, d) : 0.0f;
+            }
             for (int v = 0; v < MV; v++) {
                 best[t * MV + v] = splat(INFINITY);
                 at[t * MV + v] = vi{};
@@ -247,11 +263,11 @@ static int search_any_d(const float* q, int64_t start, int64_t stop, int64_t D, 
 //: Codes per micro-tile, the group size of the packed codebook.
 extern "C" int vqfast_codes_per_tile() { return NR; }
 
-extern "C" int vqfast_nearest_any_d(const float* q, int64_t start, int64_t stop, int64_t D, const float* packed,
+extern "C" int vqfast_nearest_any_d(const Rows* rows, int64_t start, int64_t stop, const float* packed,
                                     const float* norms, int64_t K, int64_t* out) {
     if (K >= INT32_MAX) return 2;
-    if (D < 1) return 1;
-    return search_any_d(q, start, stop, D, packed, norms, K, out);
+    if (rows->D < 1 || rows->P < 1) return 1;
+    return search_any_d(*rows, start, stop, packed, norms, K, out);
 }
 
 // The FMA peak of one core at this build's vector width, measured (GFLOP/s): 12 independent

@@ -89,15 +89,39 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build()))
     except Exception as e:  # no compiler, a failed build, a library that does not load
         warnings.warn(f"vqfast: the compiled CPU codebook search is unavailable ({str(e).splitlines()[0][:300]}); "
-                      f"searches with D <= {MAX_D} on CPU run on the slower GEMM path. {ENV_VAR}=0 silences this.",
+                      f"float32 searches on CPU run on the slower GEMM path. {ENV_VAR}=0 silences this.",
                       RuntimeWarning, stacklevel=3)
         return None
+    return declare(lib)
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with its functions' argument and result types set."""
     lib.vqfast_codes_per_tile.restype = ctypes.c_int
     for fn in (lib.vqfast_nearest_small_d, lib.vqfast_nearest_any_d):
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        fn.argtypes = [ctypes.POINTER(_Rows), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_void_p]
     return lib
+
+
+class _Rows(ctypes.Structure):
+    """search_cpu.cpp's Rows: the rows where they lie, as a (B, P, D) strided view, and mu."""
+
+    _fields_ = [("x", ctypes.c_void_p), ("mu", ctypes.c_void_p), ("D", ctypes.c_int64), ("P", ctypes.c_int64),
+                ("batch_stride", ctypes.c_int64), ("pixel_stride", ctypes.c_int64), ("dim_stride", ctypes.c_int64)]
+
+
+def _batches(rows: torch.Tensor) -> torch.Tensor:
+    """rows (..., D) as a (B, P, D) view where the strides allow it (NCHW latents moved to
+    channels-last: B images of P pixels, pixels at stride 1), else as a contiguous copy (1, N, D)."""
+    D = rows.shape[-1]
+    if rows.dim() <= 2:
+        return rows.reshape(-1, D)[None]  # a view for any strides
+    try:
+        return rows.view(rows.shape[0], -1, D)
+    except RuntimeError:  # dimensions that do not merge (a sliced image)
+        return rows.reshape(1, -1, D).contiguous()
 
 
 def applies(device: torch.device, acc: torch.dtype, D: int) -> bool:
@@ -119,20 +143,27 @@ def pack(codes: torch.Tensor, nr: int | None = None) -> torch.Tensor:
 MIN_ROWS_PER_THREAD = 256
 
 
-def nearest(rows: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """Indices (N,) int64 of the lowest norms[k] - 2 rows . codes[k]: rows (N, D) and codes
-    (K, D) float32 centred, norms (K,) float32."""
-    rows, codes, norms = rows.contiguous(), codes.contiguous(), norms.contiguous()
-    n, D = rows.shape
+def nearest(rows: torch.Tensor, mu: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor,
+            lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """Indices (N,) int64 of the lowest norms[k] - 2 (row - mu) . codes[k] for the N rows of
+    ``rows`` (..., D) float32, read where they lie (any strides); codes (K, D) float32 centred on
+    mu (D,), norms (K,) their squared norms. ``lib``: another build (the tests' other width)."""
+    lib = lib or library()
+    n, D = rows.numel() // max(rows.shape[-1], 1), rows.shape[-1]
     out = torch.empty(n, dtype=torch.long)
+    if n == 0:
+        return out
+    x, mu, norms = _batches(rows), mu.contiguous(), norms.contiguous()
+    described = _Rows(x.data_ptr(), mu.data_ptr(), D, x.shape[1], *x.stride())
     if D <= MAX_D:
-        fn = library().vqfast_nearest_small_d
+        fn, codes = lib.vqfast_nearest_small_d, codes.contiguous()
     else:
-        fn, codes = library().vqfast_nearest_any_d, derived(pack, codes)
-    args = (rows.data_ptr(), D, codes.data_ptr(), norms.data_ptr(), norms.shape[0], out.data_ptr())
+        nr = lib.vqfast_codes_per_tile()
+        fn, codes = lib.vqfast_nearest_any_d, derived(pack, codes.contiguous(), nr)
+    args = (ctypes.byref(described), codes.data_ptr(), norms.data_ptr(), norms.shape[0], out.data_ptr())
 
     def run(start: int, stop: int) -> None:
-        status = fn(args[0], start, stop, *args[1:])
+        status = fn(args[0], start, stop, *args[1:])  # ctypes releases the GIL for the call
         if status:
             raise RuntimeError(f"the CPU codebook search refused its arguments (status {status})")
 
