@@ -2,15 +2,16 @@
 k=1) and torch.cdist + argmin, on the same threads, each call in a process of its own.
 
     pip install faiss-cpu          # or: pip install -e .[bench]
-    python bench/search_vs_faiss.py [--rounds 3] [--threads N]
+    python bench/search_vs_faiss.py [--rounds 3] [--threads N] [--busy N]
 
 Cases: the real codebooks' (N x K x D) of LDM-f4 (D=3), MoVQ (D=4), LlamaGen (D=8), aMUSEd (D=64)
 and VQGAN f16 (D=256), random normal data. Each round runs the three once, starting from a
 different one, each in its own process (FAISS and torch each bring an OpenMP runtime, and in one
 process the waiting threads of one slowed the other up to 8x). Reports per case the median time of each, the ratio to FAISS, and the rows whose
 index differs from the float64 argmin where float64 has a clear winner (its top-2 gap above
-1e-4 of the distance), over the first 2048 rows. Writes bench/results/search-vs-faiss-<date>.json
-with the CPU (and its vector ISA) and versions.
+1e-4 of the distance), over the first 2048 rows. ``--busy N`` starts N processes that spin on a
+core each for the whole run (a data loader, another job). Writes
+bench/results/search-vs-faiss-<date>[-busyN].json with the CPU (and its vector ISA) and versions.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cases", nargs="+", default=[c[3] for c in CASES])
+    p.add_argument("--busy", type=int, default=0, metavar="N", help="competing busy processes (default 0)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--worker", nargs=3, metavar=("IMPL", "CASE", "FILE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -82,6 +84,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.worker:
         return worker(args.worker[0], args.worker[1], Path(args.worker[2]))
+    import subprocess
+    import sys
+
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        run(args)
+    finally:
+        for s in spinners:
+            s.kill()
+            s.wait()
+
+
+def run(args: argparse.Namespace) -> None:
     import subprocess
     import sys
     import tempfile
@@ -119,8 +134,8 @@ def main() -> None:
     env = environment("cpu", threads)
     env["faiss"] = faiss.__version__
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"search-vs-faiss-{env['date'][:10]}.json"
-    path.write_text(json.dumps({**env, "rounds": args.rounds, "how": "each measurement in its own process "
+    path = args.out / f"search-vs-faiss-{env['date'][:10]}{f'-busy{args.busy}' if args.busy else ''}.json"
+    path.write_text(json.dumps({**env, "rounds": args.rounds, "busy_processes": args.busy, "how": "each measurement in its own process "
                                 "(FAISS and torch bring two OpenMP runtimes, whose waiting threads slow each other "
                                 "up to 8x in one process), one warm-up call then one timed call",
                                 "results": results}, indent=1) + "\n")

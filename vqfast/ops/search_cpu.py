@@ -9,8 +9,10 @@ holds one build per kind. Built in a temporary file and renamed, so concurrent f
 safe. Where no compiler is found or the build fails, the search keeps its GEMM path, and one
 warning says so. ``VQFAST_CPU_SEARCH=0`` keeps the GEMM path without trying.
 
-Rows are split into one range per intra-op thread (torch.get_num_threads()) and each range is
-searched by a ctypes call, which releases the GIL: per-row results, so the split changes nothing.
+Rows are split into ranges, several per intra-op thread (torch.get_num_threads()), which the
+threads take in turn, each range searched by a ctypes call, which releases the GIL: per-row
+results, so the split changes nothing, and a thread that shares its core with a busy process
+takes fewer ranges.
 The threads are kept between calls (a new pool after a fork: threads do not survive one).
 """
 
@@ -23,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -141,6 +144,8 @@ def pack(codes: torch.Tensor, nr: int | None = None) -> torch.Tensor:
 
 #: Rows per thread below which one call does all (a thread hand-off costs more than it saves).
 MIN_ROWS_PER_THREAD = 256
+#: Ranges of rows per thread: the work is shared out in this many turns (see nearest).
+CHUNKS_PER_THREAD = 8
 
 
 def nearest(rows: torch.Tensor, mu: torch.Tensor, codes: torch.Tensor, norms: torch.Tensor,
@@ -171,9 +176,22 @@ def nearest(rows: torch.Tensor, mu: torch.Tensor, codes: torch.Tensor, norms: to
     if threads == 1:
         run(0, n)
         return out
-    bounds = [n * i // threads for i in range(threads + 1)]
-    others = [_pool(threads - 1).submit(run, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
-    run(bounds[0], bounds[1])
+    # CHUNKS_PER_THREAD ranges per thread, taken in turn by whichever thread is free: a thread
+    # whose core another process is using takes fewer (one range each made the call wait for it)
+    step = max(MIN_ROWS_PER_THREAD, -(-n // (threads * CHUNKS_PER_THREAD) // 32) * 32)  # whole micro-tiles
+    todo = iter(range(0, n, step))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                start = next(todo, None)
+            if start is None:
+                return
+            run(start, min(start + step, n))
+
+    others = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
+    work()
     for f in others:
         f.result()
     return out
