@@ -84,16 +84,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.worker:
         return worker(args.worker[0], args.worker[1], Path(args.worker[2]))
-    import subprocess
-    import sys
+    from vqfast.cli.bench import busy_processes
 
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
-    try:
+    with busy_processes(args.busy):
         run(args)
-    finally:
-        for s in spinners:
-            s.kill()
-            s.wait()
 
 
 def run(args: argparse.Namespace) -> None:

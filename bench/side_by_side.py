@@ -23,7 +23,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import diffusers
 import torch
 
 import vqfast
-from vqfast.cli.bench import environment, real_config
+from vqfast.cli.bench import busy_processes, environment, real_config
 
 PAIRS = [("vqfast", "diffusers"), ("vqfast", "diffusers-compile"), ("vqfast-compile", "vqfast"),
          ("vqfast-compile", "diffusers-compile")]
@@ -46,13 +45,8 @@ def main() -> None:
     p.add_argument("--busy", type=int, default=0, metavar="N", help="competing busy processes (default 0)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args()
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
-    try:
+    with busy_processes(args.busy):
         run(args)
-    finally:
-        for s in spinners:
-            s.kill()
-            s.wait()
 
 
 def run(args: argparse.Namespace) -> None:

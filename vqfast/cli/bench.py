@@ -17,6 +17,7 @@ Weights are random (no checkpoint is downloaded), with a codebook spread like a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import importlib.util
@@ -241,6 +242,18 @@ def build(case: Case) -> Callable[[], object]:
         return out
 
     return once
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """``n`` processes that spin on a core each (a data loader, another job) for the block."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for s in spinners:
+            s.kill()
+            s.wait()
 
 
 def resident_peak_kib() -> int:
