@@ -55,7 +55,7 @@ def test_float64_argmin_where_it_is_clear(D, offset):
     clear_rows_agree(z, book, vf.nearest_code(z, book))
 
 
-@pytest.mark.parametrize("D", [4, 64, 256])
+@pytest.mark.parametrize("D", [4, 7, 8, 64, 256])  # one chain of FMAs, two (odd and even D), the GEMM shape
 def test_ties_go_to_the_lowest_index_and_nan_as_torch_argmin(D):
     g = torch.Generator().manual_seed(0)
     book = torch.randn(400, D, generator=g)
