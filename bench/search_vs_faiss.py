@@ -7,7 +7,8 @@ k=1) and torch.cdist + argmin, on the same threads, each call in a process of it
 Cases: the real codebooks' (N x K x D) of LDM-f4 (D=3), MoVQ (D=4), LlamaGen (D=8), aMUSEd (D=64)
 and VQGAN f16 (D=256), random normal data. Each round runs the three once, starting from a
 different one, each in its own process (FAISS and torch each bring an OpenMP runtime, and in one
-process the waiting threads of one slowed the other up to 8x). Reports per case the median time of each, the ratio to FAISS, and the rows whose
+process the waiting threads of one slowed the other up to 8x), timing the median of 3 calls after
+a warm-up one. Reports per case the median over the rounds of each, the ratio to FAISS, and the rows whose
 index differs from the float64 argmin where float64 has a clear winner (its top-2 gap above
 1e-4 of the distance), over the first 2048 rows. ``--busy N`` starts N processes that spin on a
 core each for the whole run (a data loader, another job). Writes
@@ -59,16 +60,23 @@ def search_fn(impl: str, book: torch.Tensor, z: torch.Tensor):
     return lambda: torch.cdist(z, book).argmin(1)
 
 
+#: Timed calls per process, after one warm-up call (the second call of a process still ran up to
+#: 1.4x slower than later ones: one timed call made ratios swing by 0.3 between runs).
+CALLS = 3
+
+
 def worker(impl: str, case: str, out: Path) -> None:
     """One measurement in this process: a warm-up call (the compiled search's build, FAISS's
-    index), then one timed call; the indices saved for the exactness count."""
+    index), then CALLS timed calls, their median; the indices saved for the exactness count."""
     book, z = inputs(case)
     fn = search_fn(impl, book, z)
     fn()
-    t = time.perf_counter()
-    got = fn()
-    seconds = time.perf_counter() - t
-    torch.save({"seconds": seconds, "indices": got[:2048].clone()}, out)
+    times = []
+    for _ in range(CALLS):
+        t = time.perf_counter()
+        got = fn()
+        times.append(time.perf_counter() - t)
+    torch.save({"seconds": statistics.median(times), "indices": got[:2048].clone()}, out)
 
 
 def main() -> None:
@@ -131,7 +139,8 @@ def run(args: argparse.Namespace) -> None:
     path = args.out / f"search-vs-faiss-{env['date'][:10]}{f'-busy{args.busy}' if args.busy else ''}.json"
     path.write_text(json.dumps({**env, "rounds": args.rounds, "busy_processes": args.busy, "how": "each measurement in its own process "
                                 "(FAISS and torch bring two OpenMP runtimes, whose waiting threads slow each other "
-                                "up to 8x in one process), one warm-up call then one timed call",
+                                "up to 8x in one process), one warm-up call then the median of 3 timed calls",
+                                "calls": CALLS,
                                 "results": results}, indent=1) + "\n")
     print("wrote", path)
 
