@@ -278,8 +278,8 @@ def fma_peak_gflops(threads: int) -> float | None:
     fn = lib.vqfast_fma_gflops
     fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int64]
     fn(20_000_000)  # the clock ramps up
-    with ThreadPoolExecutor(threads) as pool:
-        return sum(pool.map(fn, [300_000_000] * threads))
+    with ThreadPoolExecutor(threads) as pool:  # the best of three: another process may take a turn
+        return max(sum(pool.map(fn, [100_000_000] * threads)) for _ in range(3))
 
 
 def search_pairs(case: Case) -> int:
