@@ -121,17 +121,16 @@ def search_inputs(case: Case, offset: float = 0.0) -> tuple[torch.Tensor, torch.
     return z + offset, torch.randn(K, D, generator=g) + offset
 
 
-#: What users would run instead of vqfast's search: FAISS's exact flat index (k=1) and
-#: torch.cdist + argmin. They take the rows ready made (N, D) and return indices only, where the
-#: quantizers also permute z, gather z_q and take the loss: their times are the search alone.
-SEARCH_BASELINES = ("faiss", "cdist")
 #: Most bytes of the N x K distance matrix the cdist baseline may hold (beyond it, not run).
 CDIST_BYTES = 4 * 2**30
 
 
 def _searcher(case: Case, z: torch.Tensor, book: torch.Tensor) -> tuple[Callable[[], object], Callable]:
     """(run, indices): ``run()`` one search of ``z`` in ``book`` as ``case.impl`` does it,
-    ``indices(run())`` its codes (N,) in row order (batch, then height, then width)."""
+    ``indices(run())`` its codes (N,) in row order (batch, then height, then width). The
+    quantizers (vqfast, diffusers) permute z, search, gather z_q and take the loss; what users
+    would run instead of vqfast's search (faiss: FAISS's exact flat index, k=1; cdist:
+    torch.cdist + argmin) takes the rows ready made and returns indices: the search alone."""
     dtype = getattr(torch, case.dtype)
     D = book.shape[1]
     rows = z.permute(0, 2, 3, 1).reshape(-1, D)
